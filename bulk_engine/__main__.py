@@ -1,0 +1,3 @@
+from bulk_engine.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,374 @@
+"""HTTP client of the Case Analysis API: one exchange at a time, translated into our terms.
+
+Used by the submitters (``submit``) and the poll scheduler (``retrieve``). Each call takes a rate
+token from the run's one ``RateLimiter`` first, then makes exactly one HTTP exchange; retries with
+full-jitter backoff wrap it in ``call_with_retries``. This is the only module that sees aiohttp
+exceptions: they are translated into ``bulk_engine.errors`` here, with messages that never carry
+request headers (where the API key travels).
+
+Uploads stream every file from disk through aiohttp's file payloads (chunked reads in a worker
+thread): memory does not grow with file size, and a fresh body is built from freshly opened
+files on every attempt, because a multipart body is consumed by the attempt that sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import mimetypes
+import os
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from bulk_engine.backoff import full_jitter, parse_retry_after
+from bulk_engine.ratelimit import RateLimiter
+
+from bulk_engine.clock import Clock
+from bulk_engine.config import Settings
+from bulk_engine.errors import (
+    AmbiguousSubmitError,
+    ApiError,
+    AuthError,
+    PermanentError,
+    TransientError,
+)
+from bulk_engine.models import FileEntry, Job
+
+PRIORITY_POLL = 0
+PRIORITY_SUBMIT = 1
+USER_AGENT = "bulk-engine/0.1"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitAnswer:
+    """What POST /case gave: a retrieve token (async) or the result itself (sync)."""
+
+    token: str | None = None
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetrieveAnswer:
+    """What POST /case/retrieve gave. ``status`` is the HTTP status: 200, 202, 401, 404 or 500."""
+
+    status: int
+    body: Any = None
+    message: str = ""
+
+    @property
+    def run_id(self) -> str | None:
+        if isinstance(self.body, dict):
+            rid = self.body.get("run_id")
+            return rid if isinstance(rid, str) else None
+        return None
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters the summary and the benchmarks read."""
+
+    calls: int = 0
+    submits: int = 0
+    polls: int = 0
+    throttled: int = 0  # 429 answers
+    unavailable: int = 0  # 503 answers
+    retries: int = 0
+    transport_errors: int = 0
+    ambiguous_submits: int = 0
+    bytes_uploaded: int = 0
+
+
+def multipart_filename(name: str) -> str:
+    """The filename sent for a file: its on-disk name as UTF-8 text.
+
+    A name that is not valid UTF-8 on disk (Linux gives it to us with surrogate escapes) has its
+    undecodable bytes replaced by U+FFFD; NFC and NFD names go out exactly as they are stored.
+    """
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def idempotency_key(row_id: str, fingerprint: str, generation: int) -> str:
+    """Stable across retries and restarts of one submission; new for a deliberate resubmit."""
+    raw = f"{row_id}\x00{fingerprint}\x00{generation}".encode("utf-8", "surrogateescape")
+    return "be-" + hashlib.sha256(raw).hexdigest()[:40]
+
+
+def _content_disposition(name: str, filename: str | None = None) -> str:
+    def q(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+    value = f'form-data; name="{q(name)}"'
+    if filename is not None:
+        value += f'; filename="{q(filename)}"'
+    return value
+
+
+def _content_type(f: FileEntry) -> str:
+    if f.name.lower().endswith(".json"):
+        return "application/json"
+    guessed, _ = mimetypes.guess_type(multipart_filename(f.name))
+    return guessed or "application/octet-stream"
+
+
+def build_payload(settings: Settings, job: Job, *, asynchronous: bool) -> dict[str, Any]:
+    """The `payload` JSON of one folder: run defaults, then the row's columns, then the mode."""
+    payload: dict[str, Any] = {
+        "analyse_type": list(job.analyse_type or settings.analyse_type),
+        "use_case": job.use_case or settings.use_case,
+    }
+    if "share_link" in payload["analyse_type"]:
+        payload["share_link_settings"] = {"access": "public", "password": ""}
+    payload.update(job.payload)
+    payload["asynchronous"] = asynchronous
+    return payload
+
+
+class CaseClient:
+    """One aiohttp session for the run, every call gated by the shared ``RateLimiter``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        limiter: RateLimiter,
+        clock: Clock,
+        rng: random.Random,
+        max_connections: int = 100,
+    ) -> None:
+        self._settings = settings
+        self._limiter = limiter
+        self._clock = clock
+        self._rng = rng
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._base = settings.base_url.rstrip("/")
+        self.stats = ClientStats()
+
+    async def __aenter__(self) -> CaseClient:
+        ssl_ctx: ssl.SSLContext | bool = True
+        if self._settings.ca_bundle is not None:
+            ssl_ctx = ssl.create_default_context(cafile=str(self._settings.ca_bundle))
+        connector = aiohttp.TCPConnector(limit=self._max_connections, ssl=ssl_ctx)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            raise_for_status=False,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _headers(self) -> dict[str, str]:
+        return {"api-key": self._settings.api_key or ""}
+
+    # --- one exchange each -------------------------------------------------------------------
+
+    async def submit_once(
+        self, job: Job, *, asynchronous: bool, idem_key: str | None
+    ) -> SubmitAnswer:
+        """One POST /case: stream the folder's files; translate the answer or raise ApiError."""
+        assert self._session is not None, "use CaseClient as an async context manager"
+        await self._limiter.acquire(PRIORITY_SUBMIT)
+        self.stats.calls += 1
+        self.stats.submits += 1
+        payload = build_payload(self._settings, job, asynchronous=asynchronous)
+        headers = self._headers()
+        if idem_key is not None:
+            headers["Idempotency-Key"] = idem_key
+        timeout = aiohttp.ClientTimeout(
+            total=self._settings.submit_timeout, sock_connect=self._settings.connect_timeout
+        )
+        handles = []
+        try:
+            with aiohttp.MultipartWriter("form-data") as mp:
+                part = mp.append(json.dumps(payload), {"Content-Type": "application/json"})
+                part.headers["Content-Disposition"] = _content_disposition("payload")
+                for f in job.files:
+                    # Opening is quick; the reads happen in a worker thread inside aiohttp.
+                    fh = open(f.path, "rb")  # noqa: SIM115, ASYNC230 - closed in finally
+                    handles.append(fh)
+                    part = mp.append(fh, {"Content-Type": _content_type(f)})
+                    part.headers["Content-Disposition"] = _content_disposition(
+                        "documents", multipart_filename(f.name)
+                    )
+            try:
+                async with self._session.post(
+                    self._base + "/case", data=mp, headers=headers, timeout=timeout
+                ) as resp:
+                    status = resp.status
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    text = await resp.text(errors="replace")
+            except aiohttp.ClientConnectorError as exc:
+                raise self._transport_error("connect", exc) from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # The body may have reached the server: a run may exist. Ambiguous.
+                self.stats.ambiguous_submits += 1
+                raise self._transport_error("submit", exc, ambiguous=True) from None
+        except OSError as exc:
+            raise PermanentError(
+                f"cannot read a file of the folder: {exc.strerror or exc}", kind="file_unreadable"
+            ) from None
+        finally:
+            for fh in handles:
+                fh.close()
+        self.stats.bytes_uploaded += job.total_bytes
+        return self._submit_answer(status, text, retry_after)
+
+    def _submit_answer(self, status: int, text: str, retry_after: float | None) -> SubmitAnswer:
+        body = _json_or_none(text)
+        if status == 202:
+            token = body.get("retrieve_token") if isinstance(body, dict) else None
+            if not isinstance(token, str) or not token:
+                self.stats.ambiguous_submits += 1
+                raise AmbiguousSubmitError(
+                    "POST /case answered 202 without a readable retrieve_token",
+                    http_status=202, kind="malformed_response",
+                )
+            return SubmitAnswer(token=token)
+        if status == 200:
+            if body is None:
+                raise TransientError("POST /case answered 200 with a body that is not JSON",
+                                     http_status=200, kind="malformed_response")
+            return SubmitAnswer(result=body)
+        if status in (401, 403):
+            raise AuthError(
+                f"the API refused the key (HTTP {status}: {_detail(body, text)}). "
+                "Check --api-key / BULK_ENGINE_API_KEY and --base-url.",
+                http_status=status,
+            )
+        self._throttle_bookkeeping(status, retry_after)
+        if status == 429 or status >= 500:
+            raise TransientError(
+                f"POST /case answered {status}: {_detail(body, text)}",
+                http_status=status, retry_after=retry_after,
+                kind="rate_limited" if status == 429 else "server_error",
+            )
+        raise PermanentError(
+            f"POST /case answered {status}: {_detail(body, text)}",
+            http_status=status, kind="rejected",
+        )
+
+    async def retrieve_once(self, token: str) -> RetrieveAnswer:
+        """One POST /case/retrieve. 200/202/401/404/500 are answers; the rest raise."""
+        assert self._session is not None, "use CaseClient as an async context manager"
+        await self._limiter.acquire(PRIORITY_POLL)
+        self.stats.calls += 1
+        self.stats.polls += 1
+        timeout = aiohttp.ClientTimeout(
+            total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
+        )
+        try:
+            async with self._session.post(
+                self._base + "/case/retrieve",
+                json={"retrieve_token": token},
+                headers=self._headers(),
+                timeout=timeout,
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                text = await resp.text(errors="replace")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._transport_error("retrieve", exc) from None
+        body = _json_or_none(text)
+        if status in (200, 202):
+            if body is None:
+                raise TransientError(f"retrieve answered {status} with a body that is not JSON",
+                                     http_status=status, kind="malformed_response")
+            return RetrieveAnswer(status, body)
+        if status in (401, 404, 500):
+            return RetrieveAnswer(status, body, _detail(body, text))
+        if status == 403:
+            raise AuthError(
+                "the API says a retrieve token belongs to another key (HTTP 403): the journal "
+                "was written with a different API key. Use the same key, or another --output.",
+                http_status=403,
+            )
+        self._throttle_bookkeeping(status, retry_after)
+        if status == 429 or status >= 500:
+            raise TransientError(
+                f"retrieve answered {status}: {_detail(body, text)}",
+                http_status=status, retry_after=retry_after,
+                kind="rate_limited" if status == 429 else "server_error",
+            )
+        raise PermanentError(f"retrieve answered {status}: {_detail(body, text)}",
+                             http_status=status, kind="rejected")
+
+    def _throttle_bookkeeping(self, status: int, retry_after: float | None) -> None:
+        if status == 429:
+            self.stats.throttled += 1
+            self._limiter.on_throttled()
+        elif status == 503:
+            self.stats.unavailable += 1
+        if status in (429, 503) and retry_after is not None:
+            self._limiter.pause_for(retry_after)
+
+    def _transport_error(
+        self, what: str, exc: BaseException, *, ambiguous: bool = False
+    ) -> TransientError:
+        self.stats.transport_errors += 1
+        # Only the exception's class and OS error text: never repr(exc), which can carry headers.
+        detail = type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            detail += f": {exc.strerror}"
+        elif isinstance(exc, asyncio.TimeoutError):
+            detail = "timed out"
+        cls = AmbiguousSubmitError if ambiguous else TransientError
+        return cls(f"{what} failed ({detail})", kind="timeout" if "timed out" in detail
+                   else "ambiguous_submit" if ambiguous else "network")
+
+    # --- retries -------------------------------------------------------------------------------
+
+    async def call_with_retries(
+        self, op: Callable[[], Awaitable[T]], *, on_retry: Callable[[ApiError], None] | None = None
+    ) -> T:
+        """Run ``op`` again on TransientError with full-jitter backoff, up to max_retries times.
+
+        A ``Retry-After`` already paused the shared limiter for everyone; the backoff sleep here
+        only spreads this caller's next attempt.
+        """
+        attempt = 0
+        while True:
+            try:
+                result = await op()
+            except TransientError as exc:
+                if attempt >= self._settings.max_retries:
+                    raise
+                if on_retry is not None:
+                    on_retry(exc)
+                self.stats.retries += 1
+                delay = full_jitter(
+                    attempt, base=self._settings.retry_base, cap=self._settings.retry_cap,
+                    rng=self._rng,
+                )
+                attempt += 1
+                await self._clock.sleep(delay)
+                continue
+            self._limiter.on_success()
+            return result
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+def _detail(body: Any, text: str) -> str:
+    """The server's own message: `detail` of a JSON error body, else the text (cut short)."""
+    if isinstance(body, dict):
+        for key in ("detail", "message", "error"):
+            if key in body:
+                val = body[key]
+                return val if isinstance(val, str) else json.dumps(val)[:300]
+    return (text or "no body").strip()[:300]

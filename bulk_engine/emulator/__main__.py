@@ -1,0 +1,3 @@
+from bulk_engine.emulator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""The engine: wires producer, submitters, poll scheduler and writer into one run.
+
+    manifest ─▶ producer ─▶ [bounded stream] ─▶ N submitters ─▶ PollScheduler ─▶ ResultWriter
+                                 └────── one RateLimiter for every API call ──────┘
+                 Journal (SQLite): submitting / submitted+token / done, for crash-safe resume
+
+This module only wires stages together and applies the error policy of DESIGN.md; the
+decisions live in the stage modules (``ratelimit``, ``backoff``, ``scheduler``, ``client``).
+
+Task layout (one task group per run, no loose tasks): the writer runs in the outer group; the
+producer, the submitters and the scheduler run in an inner cancel scope. An interrupt or a fatal
+error cancels the inner scope only, then the writer drains what was already decided and
+commits it, so nothing decided is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from bulk_engine.client import CaseClient, idempotency_key
+from bulk_engine.clock import Clock, MonotonicClock
+from bulk_engine.config import Settings
+from bulk_engine.errors import (
+    AuthError,
+    BulkEngineError,
+    ConfigError,
+    ManifestError,
+    MassFailureError,
+    PermanentError,
+    TransientError,
+)
+from bulk_engine.journal import Journal, RowRecord, settings_fingerprint, settings_summary
+from bulk_engine.logs import get_logger, short_token
+from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root, list_folder
+from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted
+from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
+from bulk_engine.stats import LiveCounters, Summary
+from bulk_engine.writer import ResultWriter, reconcile, repair_tail, rewrite_without_failed
+
+log = get_logger()
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_SOME_FAILED = 2
+EXIT_INTERRUPTED = 130
+
+# A token whose polls keep failing for transport reasons is given up after this long.
+MAX_TOKEN_AGE_S = 6 * 3600.0
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A job on its way to a submitter, with the journal's memory of it."""
+
+    job: Job
+    attempts: int  # the submission generation (1 = first); keys the Idempotency-Key
+    possible_duplicate: bool = False
+
+
+@dataclass
+class RunResult:
+    """What a run returns: its exit code, the summary, and a fatal error if any."""
+
+    exit_code: int
+    summary: Summary
+    error: BaseException | None = None
+    interrupted: bool = False
+    counters: LiveCounters = field(default_factory=LiveCounters)
+
+
+class Engine:
+    """One run of the backfill. ``await Engine(settings, manifest).run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manifest: Path | None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if manifest is None and settings.root is None:
+            raise ConfigError("give a manifest CSV, or --root DIR to walk a folder tree")
+        if not settings.api_key and not settings.dry_run:
+            raise ConfigError(
+                "no API key: set BULK_ENGINE_API_KEY (or api_key in --config, or --api-key)"
+            )
+        self.settings = settings
+        self.manifest = manifest
+        self.clock = clock or MonotonicClock()
+        self.rng = rng or random.Random(settings.seed)
+        self.counters = LiveCounters()
+        self.producer_stats = ProducerStats()
+        self.summary = Summary()
+        self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock)
+        self.possible_duplicates = 0
+        self.resubmits = 0
+        self._recent_api_outcomes: deque[bool] = deque(maxlen=settings.failure_window)
+        self._cancel_scope: anyio.CancelScope | None = None
+        self._interrupted = False
+        self._fatal: BaseException | None = None
+        self.client: CaseClient | None = None
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Stop taking rows, cancel in-flight work, persist what was decided (Ctrl-C, SIGTERM)."""
+        self._interrupted = True
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        s = self.settings
+        s.output.parent.mkdir(parents=True, exist_ok=True)
+        journal = Journal.open(s.journal_path)
+        try:
+            source = self.manifest if self.manifest is not None else s.root
+            assert source is not None
+            journal.check_settings(settings_fingerprint(s, source),
+                                   summary=settings_summary(s, source))
+            repaired = repair_tail(s.output)
+            if repaired:
+                log.warning("output_tail_repaired", bytes_removed=repaired, path=str(s.output))
+            if journal.get_meta("rewrite_pending") == "1":
+                journal.finish_retry_failed(rewrite_without_failed(s.output, journal))
+            reconcile(s.output, journal)
+            if s.retry_failed:
+                n = journal.begin_retry_failed()
+                journal.finish_retry_failed(rewrite_without_failed(s.output, journal))
+                log.info("retry_failed", rows=n)
+            self._journal = journal
+            await self._run_pipeline()
+        finally:
+            journal.close()
+        return self._result()
+
+    def _result(self) -> RunResult:
+        c = self.client.stats if self.client else None
+        self.summary.extra.update({
+            "rows_read": self.producer_stats.rows_read,
+            "rows_rejected": self.producer_stats.rows_rejected,
+            "rows_skipped_done": self.counters.rows_skipped_done,
+            "rows_resumed": self.counters.rows_resumed,
+            "possible_duplicates": self.possible_duplicates,
+            "resubmits": self.resubmits,
+            "api_calls": c.calls if c else 0,
+            "submits": c.submits if c else 0,
+            "polls": c.polls if c else 0,
+            "throttled_429": c.throttled if c else 0,
+            "unavailable_503": c.unavailable if c else 0,
+            "retries": c.retries if c else 0,
+            "ambiguous_submits": c.ambiguous_submits if c else 0,
+            "bytes_uploaded": c.bytes_uploaded if c else 0,
+            "final_rate_limit": round(self.limiter.current_rate, 3),
+        })
+        if self._fatal is not None:
+            code = EXIT_FATAL
+        elif self._interrupted:
+            code = EXIT_INTERRUPTED
+        elif self.summary.by_status.get("failed", 0) or self._journal_failed_total():
+            code = EXIT_SOME_FAILED
+        else:
+            code = EXIT_OK
+        return RunResult(code, self.summary, self._fatal, self._interrupted, self.counters)
+
+    def _journal_failed_total(self) -> int:
+        return int(self._final_counts.get("failed", 0)) if hasattr(self, "_final_counts") else 0
+
+    async def _run_pipeline(self) -> None:
+        s = self.settings
+        self._outstanding = anyio.Semaphore(s.max_outstanding)
+        self._uploads = anyio.CapacityLimiter(s.concurrency)
+        policy = PollPolicy(s.poll_min, s.poll_max, rng=self.rng)
+        self.scheduler = PollScheduler(self._poll, policy, clock=self.clock)
+        out_send, out_recv = anyio.create_memory_object_stream[Outcome](s.concurrency * 4 + 64)
+        self._out = out_send
+        writer = ResultWriter(
+            s.output, self._journal, fsync_every=s.fsync_every, fsync_interval=s.fsync_interval,
+            on_durable=self._on_durable,
+        )
+        polls = 64
+        async with CaseClient(
+            s, limiter=self.limiter, clock=self.clock, rng=self.rng,
+            max_connections=s.concurrency + polls + 4,
+        ) as client:
+            self.client = client
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(writer.run, out_recv)
+                async with out_send:
+                    with anyio.CancelScope() as scope:
+                        self._cancel_scope = scope
+                        if self._interrupted:
+                            scope.cancel()
+                        try:
+                            await self._inner()
+                        except BaseException as exc:
+                            fatal = _first_engine_error(exc)
+                            if fatal is None:
+                                raise
+                            self._fatal = fatal
+        self._final_counts = self._journal.counts()
+
+    async def _inner(self) -> None:
+        s = self.settings
+        job_send, job_recv = anyio.create_memory_object_stream[Ticket](s.concurrency)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.scheduler.run)
+            async with anyio.create_task_group() as feeders:
+                await self._resume_live_tokens(feeders)
+                feeders.start_soon(self._produce, job_send)
+                for _ in range(s.concurrency):
+                    feeders.start_soon(self._submit_worker, job_recv.clone())
+                job_recv.close()
+            self.scheduler.close()
+
+    # --- producer --------------------------------------------------------------------------------
+
+    def _rows(self) -> Iterator[Job | BadRow]:
+        s = self.settings
+        defaults = RowDefaults(use_case=s.use_case, analyse_type=s.analyse_type, payload={})
+        if s.root is not None and self.manifest is None:
+            return iter_root(
+                s.root, defaults=defaults, max_file_size=s.max_file_size,
+                follow_symlinks=s.follow_symlinks, stats=self.producer_stats,
+            )
+        assert self.manifest is not None
+        return iter_manifest(
+            self.manifest, defaults=defaults, max_file_size=s.max_file_size,
+            follow_symlinks=s.follow_symlinks, confine_to=s.confine_to, stats=self.producer_stats,
+        )
+
+    async def _produce(self, send: MemoryObjectSendStream[Ticket]) -> None:
+        rows = self._rows()
+        async with send:
+            while True:
+                batch = await anyio.to_thread.run_sync(_take, rows, 64)
+                if not batch:
+                    return
+                for item in batch:
+                    self.counters.rows_read += 1
+                    await self._route(item, send)
+
+    async def _route(self, item: Job | BadRow, send: MemoryObjectSendStream[Ticket]) -> None:
+        j = self._journal
+        if item.id != "" and j.seen(item.id):
+            item = BadRow(item.line, item.id, item.folder, "duplicate_id",
+                          f"duplicate id {item.id!r}: row skipped (ids must be unique)")
+        if isinstance(item, BadRow):
+            key = item.key if item.id != "" else f"\x00line{item.line}"
+            if j.is_done(key):
+                self.counters.rows_skipped_done += 1
+                return
+            out = Outcome.from_bad_row(item)
+            out.key = key
+            await self._emit(out, api=False)
+            return
+        rec = j.get(item.key)
+        if rec is not None and rec.state == "done":
+            self.counters.rows_skipped_done += 1
+            return
+        if rec is not None and rec.state == "submitted":
+            return  # its token is already in the scheduler (resumed at start)
+        attempts, dup = 1, False
+        if rec is not None and rec.state == "submitting":
+            # A crash mid-POST: the server may hold a run. Same generation → same idempotency
+            # key, so a server that honours it replays the run instead of starting another.
+            attempts, dup = max(rec.attempts, 1), True
+        elif rec is not None and rec.state == "pending" and rec.attempts:
+            attempts = rec.attempts + 1
+        await self._outstanding.acquire()
+        await send.send(Ticket(item, attempts, dup))
+
+    async def _resume_live_tokens(self, tg: anyio.abc.TaskGroup) -> None:
+        """Tokens journaled by an earlier run are polled, never resubmitted (unless changed)."""
+        for rec in self._journal.live_tokens():
+            self.counters.rows_resumed += 1
+            self._journal.seen(rec.id)
+            try:
+                job = await anyio.to_thread.run_sync(self._job_from_record, rec)
+            except ManifestError as exc:
+                await self._emit(Outcome(
+                    key=rec.key, line=rec.line, id=rec.id, folder=rec.folder, status="failed",
+                    error=ErrorInfo(exc.kind, exc.message), completed_at=time.time(),
+                    attempts=rec.attempts,
+                ), api=False)
+                continue
+            await self._outstanding.acquire()
+            if job.fingerprint != rec.fingerprint:
+                # Never pair a changed folder with the result of its old content: resubmit.
+                log.info("folder_changed", id=job.id)
+                self._journal.mark_pending(rec.key)
+                tg.start_soon(self._submit, Ticket(job, rec.attempts + 1))
+                continue
+            sub = Submitted(
+                job=job, token=rec.token or "", submitted_at=rec.submitted_at or time.time(),
+                submitted_mono=self.clock.now(), attempts=rec.attempts, run_id=rec.run_id,
+                resumed=True,
+            )
+            self.counters.processing += 1
+            self.scheduler.add(sub, delay=0.0)
+
+    def _job_from_record(self, rec: RowRecord) -> Job:
+        s = self.settings
+        files = list_folder(Path(rec.path), max_file_size=s.max_file_size,
+                            follow_symlinks=s.follow_symlinks)
+        from bulk_engine.models import fingerprint_files
+
+        extra = json.loads(rec.extra) if getattr(rec, "extra", None) else {}
+        return Job(
+            line=rec.line, id=rec.id, folder=rec.folder, path=Path(rec.path), files=files,
+            use_case=extra.get("use_case"),
+            analyse_type=tuple(extra["analyse_type"]) if extra.get("analyse_type") else None,
+            payload=extra.get("payload") or {}, fingerprint=fingerprint_files(files),
+        )
+
+    # --- submitters ------------------------------------------------------------------------------
+
+    async def _submit_worker(self, recv: MemoryObjectReceiveStream[Ticket]) -> None:
+        async with recv:
+            async for ticket in recv:
+                await self._submit(ticket)
+
+    def _mode_for(self, job: Job) -> str:
+        """``auto``: sync for small single-stage folders (decision only), async otherwise."""
+        s = self.settings
+        if s.mode != "auto":
+            return s.mode
+        single_stage = tuple(job.analyse_type or s.analyse_type) == ("decision",)
+        small = (job.total_bytes <= s.auto_sync_max_bytes
+                 and len(job.files) <= s.auto_sync_max_files)
+        return "sync" if single_stage and small else "async"
+
+    async def _submit(self, ticket: Ticket) -> None:
+        """Upload one folder (with retries) and hand its token to the scheduler."""
+        job, s = ticket.job, self.settings
+        assert self.client is not None
+        client = self.client
+        if ticket.possible_duplicate:
+            self.possible_duplicates += 1
+        mode = self._mode_for(job)
+        self._journal.mark_submitting(job, ticket.attempts)
+        idem = idempotency_key(job.id, job.fingerprint, ticket.attempts) if s.idempotency else None
+        submitted_wall = time.time()
+        try:
+            async with self._uploads:
+                answer = await client.call_with_retries(
+                    lambda: client.submit_once(job, asynchronous=mode == "async", idem_key=idem)
+                )
+        except (PermanentError, TransientError) as exc:
+            await self._finish_job(job, ticket.attempts, 0, status="failed", error=ErrorInfo(
+                exc.kind, exc.message, exc.http_status), submitted_at=submitted_wall,
+                possible_duplicate=ticket.possible_duplicate)
+            return
+        self.counters.submitted += 1
+        self.counters.bytes_uploaded += job.total_bytes
+        if answer.token is None:  # sync mode: the answer is the result
+            await self._finish_job(job, ticket.attempts, 0, status="completed",
+                                   result=answer.result, submitted_at=submitted_wall,
+                                   possible_duplicate=ticket.possible_duplicate)
+            return
+        self._journal.mark_submitted(job.key, answer.token, None, submitted_wall)
+        self.counters.processing += 1
+        log.debug("submitted", id=job.id, token=short_token(answer.token))
+        self.scheduler.add(Submitted(
+            job=job, token=answer.token, submitted_at=submitted_wall,
+            submitted_mono=self.clock.now(), attempts=ticket.attempts,
+        ))
+
+    # --- polls -----------------------------------------------------------------------------------
+
+    async def _poll(self, sub: Submitted) -> PollDecision:
+        """One poll of one token, with transport retries; applies the retrieve policy."""
+        assert self.client is not None
+        client = self.client
+        try:
+            answer = await client.call_with_retries(lambda: client.retrieve_once(sub.token))
+        except TransientError:
+            if self.clock.now() - sub.submitted_mono < MAX_TOKEN_AGE_S:
+                return PollDecision.AGAIN
+            await self._finish_sub(sub, "failed", error=ErrorInfo(
+                "retrieve_gave_up", "could not retrieve the result for hours (network errors)"))
+            return PollDecision.DONE
+        except PermanentError as exc:
+            await self._finish_sub(sub, "failed", error=ErrorInfo(
+                exc.kind, exc.message, exc.http_status))
+            return PollDecision.DONE
+        if answer.status == 202:
+            sub.run_id = answer.run_id or sub.run_id
+            return PollDecision.AGAIN
+        if answer.status == 200:
+            await self._finish_sub(sub, "completed", result=answer.body)
+            return PollDecision.DONE
+        if answer.status == 500:
+            await self._finish_sub(sub, "failed", error=ErrorInfo(
+                "analysis_failed", f"the API could not analyse this folder: {answer.message}",
+                500))
+            return PollDecision.DONE
+        # 401 (token invalid) or 404 (expired or unknown): resubmit within the attempt budget.
+        kind = "token_expired" if answer.status == 404 else "token_invalid"
+        if sub.attempts < self.settings.max_attempts:
+            self.resubmits += 1
+            log.info("resubmit", id=sub.job.id, reason=kind, attempt=sub.attempts + 1)
+            self._journal.mark_pending(sub.job.key)
+            self.counters.processing -= 1
+            await self._submit(Ticket(sub.job, sub.attempts + 1))
+            return PollDecision.DROP
+        await self._finish_sub(sub, "failed", error=ErrorInfo(
+            kind, f"retrieve answered {answer.status} ({answer.message}) and the attempt budget "
+            f"({self.settings.max_attempts}) is spent", answer.status))
+        return PollDecision.DROP
+
+    async def _finish_sub(self, sub: Submitted, status: str, *, result: Any = None,
+                          error: ErrorInfo | None = None) -> None:
+        self.counters.processing -= 1
+        await self._finish_job(sub.job, sub.attempts, sub.polls, status=status, result=result,
+                               error=error, submitted_at=sub.submitted_at, run_id=sub.run_id)
+
+    async def _finish_job(self, job: Job, attempts: int, polls: int, *, status: str,
+                          result: Any = None, error: ErrorInfo | None = None,
+                          submitted_at: float | None = None, run_id: str | None = None,
+                          possible_duplicate: bool = False) -> None:
+        out = Outcome(
+            key=job.key, line=job.line, id=job.id, folder=job.folder, status=status,
+            result=result, error=error, run_id=run_id, attempts=attempts, polls=polls,
+            submitted_at=submitted_at, completed_at=time.time(), files=len(job.files),
+            total_bytes=job.total_bytes, possible_duplicate=possible_duplicate,
+        )
+        self._outstanding.release()
+        await self._emit(out, api=True)
+
+    async def _emit(self, out: Outcome, *, api: bool) -> None:
+        if out.status == "completed":
+            self.counters.completed += 1
+        else:
+            self.counters.failed += 1
+        log.info("row_done", id=out.id, status=out.status, attempts=out.attempts,
+                 polls=out.polls, error=out.error.kind if out.error else None,
+                 latency_s=out.to_json()["latency_s"])
+        await self._out.send(out)
+        if api:
+            self._check_mass_failure(out)
+
+    def _check_mass_failure(self, out: Outcome) -> None:
+        """Stop when most recent API rows failed server-side (state is saved; rerun resumes)."""
+        server_side = out.status == "failed" and out.error is not None and out.error.kind in (
+            "analysis_failed", "rejected", "server_error", "token_expired", "token_invalid")
+        window = self._recent_api_outcomes
+        window.append(server_side)
+        s = self.settings
+        if len(window) == window.maxlen and sum(window) > s.max_failure_rate * len(window):
+            raise MassFailureError(
+                f"{sum(window)} of the last {len(window)} rows failed server-side (over "
+                f"{s.max_failure_rate:.0%}): stopping instead of burning through the archive. "
+                "Check the API's answers in the output, then rerun the same command to resume "
+                "(raise --max-failure-rate to go on regardless)."
+            )
+
+    def _on_durable(self, outcomes: list[Outcome]) -> None:
+        for out in outcomes:
+            self.summary.add(out.to_json())
+
+
+def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:
+    return list(islice(rows, n))
+
+
+def _first_engine_error(exc: BaseException) -> BulkEngineError | None:
+    """The first fatal BulkEngineError inside a (nested) exception group, if any."""
+    if isinstance(exc, BulkEngineError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = _first_engine_error(sub)
+            if found is not None:
+                return found
+    return None
+
+
+def run_sync_estimate(rows: int, rate: float) -> float:
+    """The ideal makespan of ``rows`` async folders at ``rate`` calls/s: one submit, one poll."""
+    return math.ceil(2 * rows / rate)
+
+
+__all__ = ["Engine", "RunResult"]
+_unused = (AuthError,)

@@ -1,0 +1,526 @@
+"""The crash-safe record of a run: which rows are submitted, with which token, and which are done.
+
+Where it sits::
+
+    producer ──is_done?──▶ submitters ──mark_submitting / mark_submitted──▶ poll scheduler
+                                                                                 │
+    results.jsonl ◀── writer ──(fsync, then) mark_done_many ◀── Outcome ◀────────┘
+
+The journal lives beside the output (``<output>.journal``) in SQLite, WAL mode,
+``synchronous=NORMAL``:
+
+* A process crash (``kill -9``, OOM, Ctrl-C at a bad moment) loses nothing that was committed.
+* A power loss may lose the last few commits. That can only make a rerun poll a token again or
+  submit a folder again, never lose or duplicate an output line: the output file, not the
+  journal, is the source of truth for "done". ``writer.reconcile`` re-reads the output past
+  ``output_offset`` at startup, and ``mark_done_many`` moves that offset in the same transaction
+  as the done-marks, so the two cannot disagree after a crash.
+
+One connection, used from the event-loop thread only (sqlite3 enforces it). Every call is a
+short indexed statement, so calling it synchronously from async code is fine. Each mutating call
+commits on its own unless it runs inside ``with journal.batch():``, which commits once at the end.
+
+The journal is held exclusively while open (``locking_mode=EXCLUSIVE``): a second process running
+on the same output gets a ``ConfigError`` instead of interleaving its lines with ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from bulk_engine.config import Settings
+from bulk_engine.errors import ConfigError
+from bulk_engine.models import Job
+
+SCHEMA_VERSION: Final = 1
+
+PENDING: Final = "pending"
+SUBMITTING: Final = "submitting"
+SUBMITTED: Final = "submitted"
+DONE: Final = "done"
+RETRYING: Final = "retrying"
+STATES: Final = (PENDING, SUBMITTING, SUBMITTED, DONE, RETRYING)
+OUTCOMES: Final = ("completed", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT
+);
+CREATE TABLE IF NOT EXISTS rows (
+    key                TEXT PRIMARY KEY,
+    id                 TEXT,
+    folder             TEXT,
+    path               TEXT,
+    line               INTEGER,
+    state              TEXT NOT NULL,
+    token              TEXT,
+    run_id             TEXT,
+    fingerprint        TEXT,
+    attempts           INTEGER NOT NULL DEFAULT 0,
+    submitted_at       REAL,
+    outcome            TEXT,
+    possible_duplicate INTEGER NOT NULL DEFAULT 0,
+    updated_at         REAL,
+    extra              TEXT
+);
+-- (state, key): state lookups, and key-ordered paging through one state.
+CREATE INDEX IF NOT EXISTS rows_state ON rows(state, key);
+"""
+
+_COLUMNS = (
+    "key, id, folder, path, line, state, token, run_id, fingerprint, attempts, submitted_at, "
+    "outcome, possible_duplicate, updated_at, extra"
+)
+
+_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
+
+_PAGE = 1000  # keys per page in keys_in_state: bounded memory, robust to concurrent updates
+
+
+@dataclass(frozen=True, slots=True)
+class RowRecord:
+    """One row of the journal, as stored."""
+
+    key: str
+    id: str | None
+    folder: str | None
+    path: str | None
+    line: int | None
+    state: str
+    token: str | None = field(repr=False)  # a bearer of results: never in logs or reprs
+    run_id: str | None
+    fingerprint: str | None
+    attempts: int
+    submitted_at: float | None
+    outcome: str | None
+    possible_duplicate: bool
+    updated_at: float | None
+    extra: str | None = None  # JSON {use_case, analyse_type, payload}: rebuilds the Job on resume
+
+    @property
+    def token_hint(self) -> str | None:
+        """The token cut short, safe to log."""
+        return None if self.token is None else self.token[:8] + "…"
+
+    @classmethod
+    def _from_row(cls, row: tuple[Any, ...]) -> RowRecord:
+        values = dict(zip(_COLUMN_NAMES, row, strict=True))
+        values["attempts"] = values["attempts"] or 0
+        values["possible_duplicate"] = bool(values["possible_duplicate"])
+        return cls(**values)
+
+
+def _job_extra(job: Job) -> str:
+    """What a Job needs besides its folder to be rebuilt on resume (the manifest's row options)."""
+    return json.dumps(
+        {
+            "use_case": job.use_case,
+            "analyse_type": list(job.analyse_type) if job.analyse_type is not None else None,
+            "payload": job.payload,
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def settings_summary(settings: Settings, source: Path | str) -> str:
+    """The run-defining settings in readable form (never the API key).
+
+    ``source`` is the manifest path (or the ``--root`` folder). Only what decides *which* lines
+    the output holds is included: the API host, analyse types, use case and input. Tuning knobs
+    (concurrency, rate, poll intervals) can change between a run and its resume.
+    """
+    identity = {
+        "host": urlsplit(settings.base_url).hostname or "",
+        "analyse_type": ",".join(settings.analyse_type),
+        "use_case": settings.use_case,
+        "source": str(Path(source).expanduser().resolve()),
+    }
+    return json.dumps(identity, sort_keys=True, ensure_ascii=False)
+
+
+def settings_fingerprint(settings: Settings, source: Path | str) -> str:
+    """A digest of :func:`settings_summary`, for :meth:`Journal.check_settings`."""
+    return hashlib.sha256(settings_summary(settings, source).encode()).hexdigest()
+
+
+class Journal:
+    """The run's SQLite journal. Open with :meth:`Journal.open`; use as a context manager."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Wrap an open connection; use :meth:`open` instead."""
+        self._conn = conn
+        self.path = path
+        self._batch_depth = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, path: Path, *, lock_timeout: float = 1.0) -> Journal:
+        """Open (creating if needed) the journal at ``path`` and take it exclusively.
+
+        Raises ConfigError if the file is not a journal, was written by a newer schema, or is
+        still held by another running process after ``lock_timeout`` seconds.
+        """
+        path = Path(path)
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves (batch()).
+            conn = sqlite3.connect(str(path), isolation_level=None, timeout=lock_timeout)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open journal {path}: {exc}") from None
+        try:
+            journal = cls(conn, path)
+            journal._setup()
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise ConfigError(
+                    f"journal {path} is in use by another running bulk_engine process; "
+                    "wait for it to finish or use another --output"
+                ) from None
+            raise ConfigError(f"cannot use journal {path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ConfigError(
+                f"{path} is not a bulk_engine journal ({exc}); "
+                "use another --output or move the file away"
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return journal
+
+    def _setup(self) -> None:
+        c = self._conn
+        c.execute("PRAGMA locking_mode=EXCLUSIVE")
+        mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        # Without WAL (some network filesystems), NORMAL is not crash-safe: pay for FULL.
+        c.execute("PRAGMA synchronous=NORMAL" if mode == "wal" else "PRAGMA synchronous=FULL")
+        c.execute("PRAGMA temp_store=FILE")  # seen() must not grow memory with the manifest
+        c.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"journal {self.path} has schema version {row[0]}, newer than this "
+                    f"bulk_engine understands ({SCHEMA_VERSION}); upgrade bulk_engine"
+                )
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("CREATE TEMP TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY)")
+
+    def close(self) -> None:
+        """Close the connection (idempotent); every call outside a batch has already committed."""
+        self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transactions
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group every call inside into one transaction, committed at the end.
+
+        Rolled back if the block raises. Nested batches join the outermost one.
+        """
+        if self._batch_depth:
+            self._batch_depth += 1
+            try:
+                yield
+            finally:
+                self._batch_depth -= 1
+            return
+        self._conn.execute("BEGIN IMMEDIATE")
+        self._batch_depth = 1
+        try:
+            yield
+        except BaseException:
+            self._batch_depth = 0
+            self._conn.execute("ROLLBACK")
+            raise
+        self._batch_depth = 0
+        self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction for one call, or a part of the enclosing batch."""
+        with self.batch():
+            yield self._conn
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, key: str) -> RowRecord | None:
+        """The row of ``key``, or None if the journal never saw it."""
+        row = self._conn.execute(f"SELECT {_COLUMNS} FROM rows WHERE key=?", (key,)).fetchone()
+        return None if row is None else RowRecord._from_row(row)
+
+    def is_done(self, key: str) -> bool:
+        """True if the row's line is durably in the output."""
+        row = self._conn.execute("SELECT state FROM rows WHERE key=?", (key,)).fetchone()
+        return row is not None and row[0] == DONE
+
+    def live_tokens(self) -> list[RowRecord]:
+        """Rows with a live token (state submitted): poll these on resume, do not resubmit."""
+        return self._select_state(SUBMITTED)
+
+    def submitting_rows(self) -> list[RowRecord]:
+        """Rows whose POST /case may or may not have reached the server: possible duplicates."""
+        return self._select_state(SUBMITTING)
+
+    def _select_state(self, state: str) -> list[RowRecord]:
+        cur = self._conn.execute(
+            f"SELECT {_COLUMNS} FROM rows WHERE state=? ORDER BY key", (state,)
+        )
+        return [RowRecord._from_row(r) for r in cur]
+
+    def keys_in_state(self, state: str) -> Iterator[str]:
+        """Every key in ``state``, in key order, fetched page by page (bounded memory)."""
+        last = ""
+        first = True
+        while True:
+            if first:
+                cur = self._conn.execute(
+                    "SELECT key FROM rows WHERE state=? ORDER BY key LIMIT ?", (state, _PAGE)
+                )
+                first = False
+            else:
+                cur = self._conn.execute(
+                    "SELECT key FROM rows WHERE state=? AND key>? ORDER BY key LIMIT ?",
+                    (state, last, _PAGE),
+                )
+            page = [r[0] for r in cur]
+            yield from page
+            if len(page) < _PAGE:
+                return
+            last = page[-1]
+
+    def counts(self) -> dict[str, int]:
+        """Rows per state (every state present, 0 if none) plus done rows per outcome.
+
+        Keys: ``pending submitting submitted done retrying completed failed``.
+        """
+        out = dict.fromkeys(STATES + OUTCOMES, 0)
+        for state, n in self._conn.execute("SELECT state, COUNT(*) FROM rows GROUP BY state"):
+            out[state] = n
+        for outcome, n in self._conn.execute(
+            "SELECT outcome, COUNT(*) FROM rows WHERE state=? GROUP BY outcome", (DONE,)
+        ):
+            if outcome is not None:
+                out[outcome] = n
+        return out
+
+    # ------------------------------------------------------------------ row transitions
+
+    def mark_submitting(self, job: Job, attempts: int) -> None:
+        """Record that the POST /case of ``job`` is about to be sent (call BEFORE sending).
+
+        If the row was already ``submitting`` (a previous POST's fate is unknown), it is flagged
+        ``possible_duplicate``.
+        """
+        now = time.time()
+        with self._tx() as c:
+            c.execute(
+                """
+                INSERT INTO rows (key, id, folder, path, line, state, token, run_id, fingerprint,
+                                  attempts, submitted_at, outcome, possible_duplicate, updated_at,
+                                  extra)
+                VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, NULL, NULL, 0, ?, ?)
+                ON CONFLICT(key) DO UPDATE SET
+                    id=excluded.id, folder=excluded.folder, path=excluded.path,
+                    line=excluded.line, state=excluded.state, token=NULL,
+                    fingerprint=excluded.fingerprint, attempts=excluded.attempts,
+                    outcome=NULL,
+                    possible_duplicate=(rows.possible_duplicate OR rows.state='submitting'),
+                    updated_at=excluded.updated_at, extra=excluded.extra
+                """,
+                (
+                    job.key,
+                    job.id,
+                    job.folder,
+                    str(job.path),
+                    job.line,
+                    SUBMITTING,
+                    job.fingerprint,
+                    attempts,
+                    now,
+                    _job_extra(job),
+                ),
+            )
+
+    def mark_submitted(self, key: str, token: str, run_id: str | None, submitted_at: float) -> None:
+        """Record the token of an accepted submit (commit this BEFORE the token is polled)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE rows SET state=?, token=?, run_id=?, submitted_at=?, updated_at=? "
+                "WHERE key=?",
+                (SUBMITTED, token, run_id, submitted_at, time.time(), key),
+            )
+            if cur.rowcount == 0:
+                raise KeyError(f"mark_submitted: no journal row for key {key!r}")
+
+    def mark_pending(self, key: str) -> None:
+        """Send the row back to be submitted again (e.g. token expired: 404); drops the token."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rows SET state=?, token=NULL, updated_at=? WHERE key=?",
+                (PENDING, time.time(), key),
+            )
+
+    def mark_possible_duplicate(self, key: str) -> None:
+        """Flag a row whose submit may have created a second run server-side."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rows SET possible_duplicate=1, updated_at=? WHERE key=?",
+                (time.time(), key),
+            )
+
+    def mark_done_many(self, items: Iterable[tuple[str, str]], output_offset: int) -> None:
+        """Mark rows done and move ``output_offset``, in one transaction.
+
+        ``items`` is ``[(key, 'completed'|'failed'), ...]``. Call only after the rows' lines are
+        fsynced and ``output_offset`` is the output's size just past them. Keys the journal never
+        saw (bad manifest rows) are inserted.
+        """
+        now = time.time()
+        rows = []
+        for key, outcome in items:
+            if outcome not in OUTCOMES:
+                raise ValueError(f"outcome must be 'completed' or 'failed', got {outcome!r}")
+            rows.append((key, DONE, outcome, now))
+        with self._tx() as c:
+            c.executemany(
+                """
+                INSERT INTO rows (key, state, outcome, attempts, possible_duplicate, updated_at)
+                VALUES (?, ?, ?, 0, 0, ?)
+                ON CONFLICT(key) DO UPDATE SET
+                    state=excluded.state, outcome=excluded.outcome, token=NULL,
+                    updated_at=excluded.updated_at
+                """,
+                rows,
+            )
+            self._set_meta(c, "output_offset", str(int(output_offset)))
+
+    # ------------------------------------------------------------------ run metadata
+
+    @property
+    def output_offset(self) -> int:
+        """Bytes of the output known durable and journaled (0 for a new run)."""
+        value = self.get_meta("output_offset")
+        return int(value) if value is not None else 0
+
+    def get_meta(self, key: str) -> str | None:
+        """A run metadata value, or None."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a run metadata value (strings only; never a secret)."""
+        with self._tx() as c:
+            self._set_meta(c, key, value)
+
+    @staticmethod
+    def _set_meta(c: sqlite3.Connection, key: str, value: str) -> None:
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    def check_settings(self, fingerprint: str, *, summary: str | None = None) -> None:
+        """Bind the journal to one run's settings (see :func:`settings_fingerprint`).
+
+        The first call stores the fingerprint (and the readable ``summary``); later runs must
+        present the same one, else ConfigError: resuming with other settings would mix two runs'
+        lines in one output.
+        """
+        previous = self.get_meta("settings_fingerprint")
+        if previous is None:
+            with self._tx() as c:
+                self._set_meta(c, "settings_fingerprint", fingerprint)
+                if summary is not None:
+                    self._set_meta(c, "settings_summary", summary)
+            return
+        if previous == fingerprint:
+            return
+        before = self.get_meta("settings_summary")
+        detail = ""
+        if before is not None and summary is not None:
+            detail = f" (journal: {before}; now: {summary})"
+        raise ConfigError(
+            f"the output and journal {self.path} belong to a different run: its API host, "
+            f"analyse_type, use_case or manifest differ from this one{detail}. "
+            "To start a new run, choose another --output; to start this output over, delete "
+            "the output and its journal; to resume, rerun with the original settings."
+        )
+
+    # ------------------------------------------------------------------ duplicates
+
+    def seen(self, key: str) -> bool:
+        """True if ``key`` was already passed to seen() during this Journal session.
+
+        Backed by a TEMP table on disk, so memory stays bounded for millions of rows.
+        """
+        cur = self._conn.execute("INSERT OR IGNORE INTO temp.seen(key) VALUES (?)", (key,))
+        return cur.rowcount == 0
+
+    # ------------------------------------------------------------------ --retry-failed
+
+    def begin_retry_failed(self) -> int:
+        """Move every done+failed row to ``retrying`` and set ``rewrite_pending``; returns how many.
+
+        Then ``writer.rewrite_without_failed`` drops their lines, and :meth:`finish_retry_failed`
+        makes them pending. A crash in between is redone at startup while
+        ``get_meta('rewrite_pending') == '1'``.
+        """
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE rows SET state=?, updated_at=? WHERE state=? AND outcome='failed'",
+                (RETRYING, time.time(), DONE),
+            )
+            self._set_meta(c, "rewrite_pending", "1")
+            return cur.rowcount
+
+    def finish_retry_failed(self, new_offset: int) -> None:
+        """After the rewrite: ``retrying`` rows become ``pending``, the offset the new size."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rows SET state=?, outcome=NULL, token=NULL, updated_at=? WHERE state=?",
+                (PENDING, time.time(), RETRYING),
+            )
+            self._set_meta(c, "rewrite_pending", "0")
+            self._set_meta(c, "output_offset", str(int(new_offset)))
+
+    @property
+    def rewrite_pending(self) -> bool:
+        """True if a --retry-failed rewrite was begun and not finished."""
+        return self.get_meta("rewrite_pending") == "1"

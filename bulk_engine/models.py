@@ -1,0 +1,161 @@
+"""The records that flow between pipeline stages.
+
+producer ─Job/BadRow─▶ submitters ─Submitted─▶ poll scheduler ─Outcome─▶ writer
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One regular file of a folder, as listed by the producer."""
+
+    path: Path  # absolute path on disk (after following an allowed symlink)
+    name: str  # multipart filename: the file's name inside its folder
+    size: int
+    mtime_ns: int
+
+
+def fingerprint_files(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
+    """A short digest of the folder's names, sizes and mtimes: changes when the folder does."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}\x00{f.size}\x00{f.mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()[:32]
+
+
+def row_key(row_id: str, line: int, *, duplicate: bool = False) -> str:
+    """The journal key of a manifest row. A duplicate id is keyed by its line as well."""
+    return f"{row_id}\x00dup@{line}" if duplicate else row_id
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One manifest row whose folder was listed and can be submitted."""
+
+    line: int  # 1-based line of the manifest (header is line 1); ordinal for --root
+    id: str
+    folder: str  # as written in the manifest
+    path: Path  # resolved folder
+    files: tuple[FileEntry, ...]
+    use_case: str | None = None
+    analyse_type: tuple[str, ...] | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def key(self) -> str:
+        return row_key(self.id, self.line)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    """One manifest row that cannot be submitted; it becomes a `failed` line."""
+
+    line: int
+    id: str
+    folder: str
+    kind: str  # error.kind, e.g. "folder_missing", "symlink_outside", "duplicate_id"
+    message: str
+
+    @property
+    def key(self) -> str:
+        return row_key(self.id, self.line, duplicate=self.kind == "duplicate_id")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    kind: str
+    message: str
+    http_status: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "http_status": self.http_status}
+
+
+@dataclass(slots=True)
+class Submitted:
+    """A folder the API accepted; the scheduler polls its token until a final answer."""
+
+    job: Job
+    token: str
+    submitted_at: float  # wall clock (time.time()) of the 202
+    submitted_mono: float  # scheduler clock of the 202
+    attempts: int = 1
+    polls: int = 0
+    last_pending_mono: float | None = None  # last time a poll answered 202
+    run_id: str | None = None
+    resumed: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The final word on one manifest row: exactly one output line."""
+
+    key: str
+    line: int
+    id: str
+    folder: str
+    status: str  # "completed" | "failed"
+    result: Any = None
+    error: ErrorInfo | None = None
+    run_id: str | None = None
+    attempts: int = 0
+    polls: int = 0
+    submitted_at: float | None = None
+    completed_at: float | None = None
+    files: int = 0
+    total_bytes: int = 0
+    possible_duplicate: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "folder": self.folder,
+            "status": self.status,
+            "result": self.result,
+            "error": self.error.to_json() if self.error else None,
+            "run_id": self.run_id,
+            "attempts": self.attempts,
+            "polls": self.polls,
+            "submitted_at": iso(self.submitted_at),
+            "completed_at": iso(self.completed_at),
+            "line": self.line,
+            "files": self.files,
+            "bytes": self.total_bytes,
+            "latency_s": (
+                round(self.completed_at - self.submitted_at, 3)
+                if self.completed_at is not None and self.submitted_at is not None
+                else None
+            ),
+        }
+
+    def to_line(self) -> bytes:
+        text = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
+        return (text + "\n").encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_bad_row(cls, row: BadRow) -> Outcome:
+        return cls(
+            key=row.key, line=row.line, id=row.id, folder=row.folder, status="failed",
+            error=ErrorInfo(row.kind, row.message), completed_at=time.time(),
+        )
+
+
+def iso(ts: float | None) -> str | None:
+    """UTC ISO-8601 with milliseconds, or None."""
+    if ts is None:
+        return None
+    t = time.gmtime(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int((ts % 1) * 1000):03d}Z"

@@ -1,0 +1,53 @@
+"""Shared fixtures: run the engine against the in-process emulator and check its output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bulk_engine.client import multipart_filename
+from bulk_engine.config import Settings
+from bulk_engine.emulator.verdict import content_digest, expected_result
+from bulk_engine.manifest import list_folder
+
+API_KEY = "test-key-0123456789"
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """Every output line, parsed; fails on a torn or invalid line."""
+    with path.open("rb") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def expected_for_folder(folder: Path, analyse_type: Sequence[str] = ("decision",)) -> dict[str, Any]:
+    """The result the emulator must give for this folder, computed from the files on disk."""
+    files = list_folder(folder, max_file_size=1 << 40, follow_symlinks=False)
+    pairs = [(multipart_filename(f.name), hashlib.sha256(f.path.read_bytes()).hexdigest())
+             for f in files]
+    return expected_result(content_digest(pairs), analyse_type,
+                           [multipart_filename(f.name) for f in files])
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.size for f in list_folder(folder, max_file_size=1 << 40, follow_symlinks=False))
+
+
+def engine_settings(base_url: str, out: Path, **kw: Any) -> Settings:
+    """Fast settings for tests: short polls, high rate, no progress panel."""
+    base: dict[str, Any] = dict(
+        base_url=base_url, api_key=API_KEY, output=out, concurrency=8, rate_limit=500.0,
+        burst=50, poll_min=0.02, poll_max=0.2, progress=False, seed=1, retry_base=0.01,
+        retry_cap=0.1, fsync_interval=0.05,
+    )
+    base.update(kw)
+    return Settings(**base)
+
+
+@pytest.fixture
+def api_key() -> str:
+    return API_KEY

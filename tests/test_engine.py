@@ -1,0 +1,93 @@
+"""End to end: the engine against the in-process emulator, checked at both ends."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from archive_factory import make_archive
+from conftest import API_KEY, engine_settings, expected_for_folder, folder_bytes, read_lines
+
+from bulk_engine.emulator import EmulatorConfig, run_emulator
+from bulk_engine.engine import Engine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _folders(manifest: Path) -> dict[str, Path]:
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {row["id"]: manifest.parent / row["folder"] for row in csv.DictReader(fh)}
+
+
+async def test_every_row_once_with_its_own_result(tmp_path: Path) -> None:
+    """250 folders: one line each, each result the one computed from that folder's bytes."""
+    manifest = make_archive(tmp_path / "a", 250, seed=3)
+    folders = _folders(manifest)
+    cfg = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.08),
+                         max_parallel_analyses=10, seed=1)
+    async with run_emulator(cfg) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out, concurrency=6), manifest).run()
+        stats = emu.stats()
+    assert result.exit_code == 0, result.summary.to_json()
+    lines = read_lines(out)
+    assert len(lines) == 250
+    assert sorted(r["id"] for r in lines) == sorted(folders)
+    for rec in lines:
+        assert rec["status"] == "completed"
+        assert rec["result"] == expected_for_folder(folders[rec["id"]]), rec["id"]
+    assert stats["bytes_received"] == sum(folder_bytes(p) for p in folders.values())
+    assert stats["duplicate_submissions"] == 0
+    assert stats["submissions"] == 250
+    assert stats["max_parallel_observed"] <= 10
+
+
+async def test_rate_limit_respected_at_the_server(tmp_path: Path) -> None:
+    """Engine and emulator at the same rate: under 1 % of calls throttled, all rows complete.
+
+    Both buckets refill at the same rate, so in steady state the server's bucket hovers near
+    empty and a millisecond of arrival jitter can cost one 429; the AIMD step then backs off.
+    """
+    manifest = make_archive(tmp_path / "a", 60, seed=4)
+    cfg = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.05), rate_limit=80,
+                         burst=5, seed=2)
+    async with run_emulator(cfg) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(
+            engine_settings(emu.base_url, out, rate_limit=80, burst=5), manifest).run()
+        stats = emu.stats()
+    assert result.exit_code == 0
+    calls = stats["submissions"] + stats["polls"]
+    assert stats["rate_limited"] <= max(1, 0.01 * calls)
+    assert len(read_lines(out)) == 60
+
+
+async def test_bad_key_stops_the_run_early(tmp_path: Path) -> None:
+    """A refused key stops the run within a handful of requests with exit 1 and a clear message."""
+    manifest = make_archive(tmp_path / "a", 100, seed=5)
+    async with run_emulator(EmulatorConfig(api_keys=("other",))) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out, concurrency=4), manifest).run()
+        stats = emu.stats()
+    assert result.exit_code == 1
+    assert "refused the key" in str(result.error)
+    assert API_KEY not in str(result.error)
+    assert stats["submissions"] <= 10
+
+
+async def test_failed_folders_give_exit_2(tmp_path: Path) -> None:
+    """fail_rate=0.3: failed rows are `failed` lines with analysis_failed, the run exits 2."""
+    manifest = make_archive(tmp_path / "a", 40, seed=6)
+    cfg = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.03), fail_rate=0.3,
+                         seed=3)
+    async with run_emulator(cfg) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out, max_failure_rate=1.0),
+                              manifest).run()
+    lines = read_lines(out)
+    assert len(lines) == 40
+    failed = [r for r in lines if r["status"] == "failed"]
+    assert failed and all(r["error"]["kind"] == "analysis_failed" for r in failed)
+    assert all(r["error"]["http_status"] == 500 for r in failed)
+    assert result.exit_code == 2
