@@ -16,7 +16,6 @@ commits it, so nothing decided is lost and nothing is written twice.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections import deque
@@ -33,7 +32,6 @@ from bulk_engine.client import CaseClient, idempotency_key
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
-    AuthError,
     BulkEngineError,
     ConfigError,
     ManifestError,
@@ -44,7 +42,7 @@ from bulk_engine.errors import (
 from bulk_engine.journal import Journal, RowRecord, settings_fingerprint, settings_summary
 from bulk_engine.logs import get_logger, short_token
 from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root, list_folder
-from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted
+from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, fingerprint_files
 from bulk_engine.ratelimit import RateLimiter
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
 from bulk_engine.stats import LiveCounters, Summary
@@ -112,6 +110,7 @@ class Engine:
         self._cancel_scope: anyio.CancelScope | None = None
         self._interrupted = False
         self._fatal: BaseException | None = None
+        self._final_counts: dict[str, int] = {}
         self.client: CaseClient | None = None
 
     # --- control ---------------------------------------------------------------------------------
@@ -172,14 +171,12 @@ class Engine:
             code = EXIT_FATAL
         elif self._interrupted:
             code = EXIT_INTERRUPTED
-        elif self.summary.by_status.get("failed", 0) or self._journal_failed_total():
+        elif self._final_counts.get("failed", 0):
+            # Counted from the journal, so a rerun of a finished run exits as the run did.
             code = EXIT_SOME_FAILED
         else:
             code = EXIT_OK
         return RunResult(code, self.summary, self._fatal, self._interrupted, self.counters)
-
-    def _journal_failed_total(self) -> int:
-        return int(self._final_counts.get("failed", 0)) if hasattr(self, "_final_counts") else 0
 
     async def _run_pipeline(self) -> None:
         s = self.settings
@@ -286,17 +283,19 @@ class Engine:
         await send.send(Ticket(item, attempts, dup))
 
     async def _resume_live_tokens(self, tg: anyio.abc.TaskGroup) -> None:
-        """Tokens journaled by an earlier run are polled, never resubmitted (unless changed)."""
+        """Tokens journaled by an earlier run are polled, never resubmitted (unless changed).
+
+        The producer skips these rows when it meets them (their state is ``submitted``).
+        """
         for rec in self._journal.live_tokens():
             self.counters.rows_resumed += 1
-            self._journal.seen(rec.id)
             try:
                 job = await anyio.to_thread.run_sync(self._job_from_record, rec)
             except ManifestError as exc:
                 await self._emit(Outcome(
-                    key=rec.key, line=rec.line, id=rec.id, folder=rec.folder, status="failed",
-                    error=ErrorInfo(exc.kind, exc.message), completed_at=time.time(),
-                    attempts=rec.attempts,
+                    key=rec.key, line=rec.line or 0, id=rec.id or "", folder=rec.folder or "",
+                    status="failed", error=ErrorInfo(exc.kind, exc.message),
+                    completed_at=time.time(), attempts=rec.attempts,
                 ), api=False)
                 continue
             await self._outstanding.acquire()
@@ -315,15 +314,16 @@ class Engine:
             self.scheduler.add(sub, delay=0.0)
 
     def _job_from_record(self, rec: RowRecord) -> Job:
+        """Rebuild a journaled row's Job by listing its folder again (raises ManifestError)."""
         s = self.settings
+        if rec.path is None or rec.id is None:
+            raise ManifestError("journal_incomplete", "the journal lost this row's folder path")
         files = list_folder(Path(rec.path), max_file_size=s.max_file_size,
                             follow_symlinks=s.follow_symlinks)
-        from bulk_engine.models import fingerprint_files
-
-        extra = json.loads(rec.extra) if getattr(rec, "extra", None) else {}
+        extra = json.loads(rec.extra) if rec.extra else {}
         return Job(
-            line=rec.line, id=rec.id, folder=rec.folder, path=Path(rec.path), files=files,
-            use_case=extra.get("use_case"),
+            line=rec.line or 0, id=rec.id, folder=rec.folder or rec.path, path=Path(rec.path),
+            files=files, use_case=extra.get("use_case"),
             analyse_type=tuple(extra["analyse_type"]) if extra.get("analyse_type") else None,
             payload=extra.get("payload") or {}, fingerprint=fingerprint_files(files),
         )
@@ -394,11 +394,11 @@ class Engine:
                 return PollDecision.AGAIN
             await self._finish_sub(sub, "failed", error=ErrorInfo(
                 "retrieve_gave_up", "could not retrieve the result for hours (network errors)"))
-            return PollDecision.DONE
+            return PollDecision.DROP  # not a completion time: the policy must not learn it
         except PermanentError as exc:
             await self._finish_sub(sub, "failed", error=ErrorInfo(
                 exc.kind, exc.message, exc.http_status))
-            return PollDecision.DONE
+            return PollDecision.DROP
         if answer.status == 202:
             sub.run_id = answer.run_id or sub.run_id
             return PollDecision.AGAIN
@@ -491,10 +491,4 @@ def _first_engine_error(exc: BaseException) -> BulkEngineError | None:
     return None
 
 
-def run_sync_estimate(rows: int, rate: float) -> float:
-    """The ideal makespan of ``rows`` async folders at ``rate`` calls/s: one submit, one poll."""
-    return math.ceil(2 * rows / rate)
-
-
 __all__ = ["Engine", "RunResult"]
-_unused = (AuthError,)

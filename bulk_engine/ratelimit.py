@@ -13,8 +13,9 @@ tested without an event loop.
 Waiting: callers queue by priority, lower number first (due polls, priority 0, always go before
 new submissions, priority 1), FIFO within a priority. Only one waiter at a time sleeps on the
 clock, until the next token; when it wakes it grants tokens to the best waiters, whoever they
-are, and hands the sleeping role on. A cancelled waiter leaves the queue without losing anyone's
-place; a waiter cancelled just after it was granted gives its token back to the next waiter.
+are, and hands the sleeping role on (a rate increase during that sleep is noticed at the wake).
+A cancelled waiter leaves the queue without losing anyone's place; a waiter cancelled just after
+it was granted gives its token back to the next waiter.
 
 Pause: ``pause_for(s)`` (a ``Retry-After``) holds every caller until ``now + s``; a later pause
 extends it, a shorter one never shortens it. Tokens stop accumulating beyond one while paused, so
@@ -263,8 +264,8 @@ class RateLimiter:
         """Grant free tokens to the best waiters, in (priority, arrival) order."""
         now = self._clock.now()
         while (head := self._head()) is not None:
-            # A waiter asleep on the clock cannot be woken early; its token stays in the bucket
-            # until it wakes (at most one token interval later). Only a give-back gets here.
+            # A waiter asleep on the clock cannot be woken early: a given-back token waits in
+            # the bucket until the sleeper's planned wake. (Only a give-back gets here mid-sleep.)
             if head is self._sleeper or self._reserve(now) > 0.0:
                 break
             heapq.heappop(self._queue)

@@ -47,13 +47,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import heapq
-import itertools
 import math
 import random
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from itertools import accumulate
+from itertools import accumulate, count
 
 from bulk_engine.clock import Clock
 from bulk_engine.models import Submitted
@@ -110,7 +109,7 @@ def interval_npmle(
         last = bisect_right(support, upper) - 1
         first = bisect_left(support, upper) if lower >= upper else bisect_right(support, lower)
         spans[first, last] += 1
-    runs = [(first, last + 1, count) for (first, last), count in spans.items()]
+    runs = [(first, last + 1, times) for (first, last), times in spans.items()]
     m, n = len(support), len(intervals)
     p = [1.0 / m] * m
     if start is not None and start[0]:
@@ -127,8 +126,8 @@ def interval_npmle(
     for _ in range(max_iter):
         prefix = list(accumulate(p, initial=0.0))
         weights = [0.0] * (m + 1)
-        for first, stop, count in runs:
-            w = count / ((prefix[stop] - prefix[first]) or 1e-300)
+        for first, stop, times in runs:
+            w = times / ((prefix[stop] - prefix[first]) or 1e-300)
             weights[first] += w
             weights[stop] -= w
         p = [pj * cover / n for pj, cover in zip(p, accumulate(weights), strict=False)]
@@ -293,7 +292,7 @@ class PollScheduler:
         self._clock = clock
         self._max = max_concurrent_polls
         self._heap: list[tuple[float, int, Submitted]] = []
-        self._seq = itertools.count()
+        self._seq = count()
         self._wake = asyncio.Event()
         self._in_flight = 0
         self._closed = False
@@ -363,7 +362,7 @@ class PollScheduler:
                         break
                     self._set_alarm(tg, now)
                     await self._wake.wait()
-                self._set_alarm(None, now)
+                self._cancel_alarm()
         except BaseExceptionGroup as group:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
@@ -379,22 +378,22 @@ class PollScheduler:
         if self._heap[0] is entry:  # a new earliest item: the sleeping loop must re-aim
             self._wake.set()
 
-    def _set_alarm(self, tg: asyncio.TaskGroup | None, now: float) -> None:
-        """Keep one alarm task sleeping until the earliest due time (if a poll could start)."""
-        target = (
-            self._heap[0][0]
-            if tg is not None and self._heap and self._in_flight < self._max
-            else math.inf
-        )
-        alarm = self._alarm
-        if alarm is not None and not alarm.done():
-            if target == self._alarm_at:
-                return
-            alarm.cancel()
-        self._alarm = None
+    def _set_alarm(self, tg: asyncio.TaskGroup, now: float) -> None:
+        """Keep one alarm task sleeping until the earliest due time, if a poll could start then."""
+        if not self._heap or self._in_flight >= self._max:
+            self._cancel_alarm()  # a finishing poll wakes the loop instead
+            return
+        target = self._heap[0][0]
+        if self._alarm is not None and not self._alarm.done() and self._alarm_at == target:
+            return
+        self._cancel_alarm()
         self._alarm_at = target
-        if tg is not None and target < math.inf:
-            self._alarm = tg.create_task(self._ring(target - now))
+        self._alarm = tg.create_task(self._ring(target - now))
+
+    def _cancel_alarm(self) -> None:
+        if self._alarm is not None and not self._alarm.done():
+            self._alarm.cancel()
+        self._alarm = None
 
     async def _ring(self, delay: float) -> None:
         await self._clock.sleep(delay)

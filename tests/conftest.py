@@ -24,7 +24,9 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh]
 
 
-def expected_for_folder(folder: Path, analyse_type: Sequence[str] = ("decision",)) -> dict[str, Any]:
+def expected_for_folder(
+    folder: Path, analyse_type: Sequence[str] = ("decision",)
+) -> dict[str, Any]:
     """The result the emulator must give for this folder, computed from the files on disk."""
     files = list_folder(folder, max_file_size=1 << 40, follow_symlinks=False)
     pairs = [(multipart_filename(f.name), hashlib.sha256(f.path.read_bytes()).hexdigest())

@@ -91,3 +91,89 @@ async def test_failed_folders_give_exit_2(tmp_path: Path) -> None:
     assert failed and all(r["error"]["kind"] == "analysis_failed" for r in failed)
     assert all(r["error"]["http_status"] == 500 for r in failed)
     assert result.exit_code == 2
+
+
+async def test_bad_rows_become_failed_lines_and_the_run_goes_on(tmp_path: Path) -> None:
+    """Missing, empty and file-less folders are `failed` lines with their kind; others complete."""
+    root = tmp_path / "a"
+    manifest = make_archive(root, 5, seed=7)
+    (root / "empty").mkdir()
+    with manifest.open("a", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["gone", "no/such/folder"])
+        w.writerow(["blank", ""])
+        w.writerow(["nofiles", "empty"])
+    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+        stats = emu.stats()
+    by_id = {r["id"]: r for r in read_lines(out)}
+    assert len(by_id) == 8
+    assert by_id["gone"]["error"]["kind"] == "folder_missing"
+    assert by_id["blank"]["error"]["kind"] == "empty_folder"
+    assert by_id["nofiles"]["error"]["kind"] == "folder_empty"
+    assert all(by_id[i]["status"] == "failed" for i in ("gone", "blank", "nofiles"))
+    assert sum(r["status"] == "completed" for r in by_id.values()) == 5
+    assert stats["submissions"] == 5
+    assert result.exit_code == 2
+    assert result.summary.to_json()["rows_rejected"] == 3
+
+
+async def test_root_walk_makes_each_leaf_folder_a_row(tmp_path: Path) -> None:
+    """--root: every leaf folder is a row whose id is its relative path."""
+    root = tmp_path / "a"
+    manifest = make_archive(root, 6, seed=8)
+    manifest.unlink()
+    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+        out = tmp_path / "out.jsonl"
+        settings = engine_settings(emu.base_url, out, root=root)
+        result = await Engine(settings, None).run()
+    lines = read_lines(out)
+    assert result.exit_code == 0
+    assert len(lines) == 6
+    for rec in lines:
+        assert (root / rec["id"]).is_dir()
+        assert rec["result"] == expected_for_folder(root / rec["id"])
+
+
+async def test_sync_mode_bounds_uploads_in_flight(tmp_path: Path) -> None:
+    """Sync mode holds each POST open while the folder runs: in flight never above concurrency."""
+    manifest = make_archive(tmp_path / "a", 24, seed=9)
+    folders = _folders(manifest)
+    cfg = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.05, 0.1),
+                         max_parallel_analyses=10)
+    async with run_emulator(cfg) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out, mode="sync", concurrency=3),
+                              manifest).run()
+        stats = emu.stats()
+    assert result.exit_code == 0
+    assert stats["max_in_flight_requests"] == 3
+    assert stats["polls"] == 0
+    for rec in read_lines(out):
+        assert rec["polls"] == 0
+        assert rec["result"] == expected_for_folder(folders[rec["id"]])
+
+
+async def test_auto_mode_sends_small_decision_folders_sync(tmp_path: Path) -> None:
+    """auto: small decision-only folders go sync, folders asking share_link go async."""
+    root = tmp_path / "a"
+    manifest = make_archive(root, 10, seed=10)
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "folder", "analyse_type"])
+        for i, row in enumerate(rows):
+            w.writerow([row["id"], row["folder"], "decision;share_link" if i % 2 else ""])
+    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+        out = tmp_path / "out.jsonl"
+        result = await Engine(engine_settings(emu.base_url, out, mode="auto"), manifest).run()
+        subs = emu.state.submissions_json()
+    assert result.exit_code == 0
+    modes = sorted(s["asynchronous"] for s in subs)
+    assert modes == [False] * 5 + [True] * 5
+    for rec in read_lines(out):
+        i = int(rec["id"].split("-")[-1])
+        want = ("decision", "share_link") if i % 2 else ("decision",)
+        assert rec["result"] == expected_for_folder(root / rows[i]["folder"], want)

@@ -9,12 +9,14 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bulk_engine.clock import FakeClock
 from bulk_engine.models import Job, Submitted
+from bulk_engine.ratelimit import PRIORITY_POLL, RateLimiter
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler, interval_npmle
 
 DONE, AGAIN, DROP = PollDecision.DONE, PollDecision.AGAIN, PollDecision.DROP
@@ -437,3 +439,55 @@ def test_delays_always_within_bounds(
         assert poll_min <= pol.first_delay() <= 3000.0
         for elapsed, polls in probes:
             assert poll_min <= pol.next_delay(elapsed, polls) <= poll_max
+
+
+# ---- composition with the rest of the run ---------------------------------------------------
+
+
+async def test_polls_through_the_shared_rate_limiter_keep_exact_times() -> None:
+    """Five folders due together, polls at priority 0 through a 10/s limiter: 0.1 s apart."""
+    clock = FakeClock()
+    limiter = RateLimiter(10, 1, clock=clock)
+    calls: list[tuple[str, float]] = []
+
+    async def poll(sub: Submitted) -> PollDecision:
+        await limiter.acquire(PRIORITY_POLL)
+        calls.append((sub.token, clock.now()))
+        return AGAIN if sub.polls == 1 else DONE
+
+    sched = PollScheduler(poll, policy(jitter=0), clock=clock)
+    for i in range(5):
+        sched.add(make_sub(f"s{i}"))
+    run = asyncio.create_task(sched.run())
+    await settle()
+    sched.close()
+    await clock.run_until_idle()
+    await asyncio.wait_for(run, 1)
+    first = [(f"tok-s{i}", pytest.approx(10 + 0.1 * i)) for i in range(5)]
+    second = [(f"tok-s{i}", pytest.approx(10 + 0.1 * i + 15)) for i in range(5)]
+    assert calls == first + second
+
+
+async def test_cancelling_run_from_an_anyio_scope_stops_polls_and_keeps_the_heap() -> None:
+    """An interrupt (an anyio cancel scope, as in the engine) ends run() and its polls in flight."""
+    clock = FakeClock()
+    stopped = asyncio.Event()
+
+    async def poll(sub: Submitted) -> PollDecision:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+        return DONE  # pragma: no cover
+
+    sched = PollScheduler(poll, policy(), clock=clock)
+    sched.add(make_sub("stuck"))
+    sched.add(make_sub("later"), delay=100)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sched.run)
+        await settle()
+        await clock.advance(10)
+        assert sched.in_flight == 1
+        tg.cancel_scope.cancel()
+    assert stopped.is_set()
+    assert len(sched._heap) == 1  # "later" is still known (the journal resumes it)
