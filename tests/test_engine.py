@@ -14,6 +14,8 @@ from bulk_engine.engine import Engine
 
 pytestmark = pytest.mark.timeout(60)
 
+FAST = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))
+
 
 def _folders(manifest: Path) -> dict[str, Path]:
     with manifest.open(newline="", encoding="utf-8") as fh:
@@ -103,7 +105,7 @@ async def test_bad_rows_become_failed_lines_and_the_run_goes_on(tmp_path: Path) 
         w.writerow(["gone", "no/such/folder"])
         w.writerow(["blank", ""])
         w.writerow(["nofiles", "empty"])
-    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+    async with run_emulator(FAST) as emu:
         out = tmp_path / "out.jsonl"
         result = await Engine(engine_settings(emu.base_url, out), manifest).run()
         stats = emu.stats()
@@ -124,7 +126,7 @@ async def test_root_walk_makes_each_leaf_folder_a_row(tmp_path: Path) -> None:
     root = tmp_path / "a"
     manifest = make_archive(root, 6, seed=8)
     manifest.unlink()
-    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+    async with run_emulator(FAST) as emu:
         out = tmp_path / "out.jsonl"
         settings = engine_settings(emu.base_url, out, root=root)
         result = await Engine(settings, None).run()
@@ -166,7 +168,7 @@ async def test_auto_mode_sends_small_decision_folders_sync(tmp_path: Path) -> No
         w.writerow(["id", "folder", "analyse_type"])
         for i, row in enumerate(rows):
             w.writerow([row["id"], row["folder"], "decision;share_link" if i % 2 else ""])
-    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.02))) as emu:
+    async with run_emulator(FAST) as emu:
         out = tmp_path / "out.jsonl"
         result = await Engine(engine_settings(emu.base_url, out, mode="auto"), manifest).run()
         subs = emu.state.submissions_json()
