@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from bulk_engine.backoff import full_jitter, parse_retry_after
-from bulk_engine.ratelimit import RateLimiter
 
+from bulk_engine.backoff import full_jitter, parse_retry_after
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
@@ -38,6 +37,7 @@ from bulk_engine.errors import (
     TransientError,
 )
 from bulk_engine.models import FileEntry, Job
+from bulk_engine.ratelimit import RateLimiter
 
 PRIORITY_POLL = 0
 PRIORITY_SUBMIT = 1

@@ -39,7 +39,13 @@ from bulk_engine.errors import (
     PermanentError,
     TransientError,
 )
-from bulk_engine.journal import Journal, RowRecord, settings_fingerprint, settings_summary
+from bulk_engine.journal import (
+    Journal,
+    JournalReader,
+    RowRecord,
+    settings_fingerprint,
+    settings_summary,
+)
 from bulk_engine.logs import get_logger, short_token
 from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root, list_folder
 from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, fingerprint_files
@@ -227,45 +233,42 @@ class Engine:
 
     # --- producer --------------------------------------------------------------------------------
 
-    def _rows(self) -> Iterator[Job | BadRow]:
+    def _rows(self, reader: JournalReader) -> Iterator[Job | BadRow]:
+        """The row stream. Done rows are skipped, and duplicate ids flagged, before listing."""
         s = self.settings
         defaults = RowDefaults(use_case=s.use_case, analyse_type=s.analyse_type, payload={})
-        if s.root is not None and self.manifest is None:
-            return iter_root(
-                s.root, defaults=defaults, max_file_size=s.max_file_size,
-                follow_symlinks=s.follow_symlinks, stats=self.producer_stats,
-            )
-        assert self.manifest is not None
-        return iter_manifest(
-            self.manifest, defaults=defaults, max_file_size=s.max_file_size,
-            follow_symlinks=s.follow_symlinks, confine_to=s.confine_to, stats=self.producer_stats,
+        common: dict[str, Any] = dict(
+            defaults=defaults, max_file_size=s.max_file_size, follow_symlinks=s.follow_symlinks,
+            stats=self.producer_stats, seen=reader.seen, is_done=reader.is_done,
         )
+        if s.root is not None and self.manifest is None:
+            return iter_root(s.root, **common)
+        assert self.manifest is not None
+        return iter_manifest(self.manifest, confine_to=s.confine_to, **common)
 
     async def _produce(self, send: MemoryObjectSendStream[Ticket]) -> None:
-        rows = self._rows()
-        async with send:
-            while True:
-                batch = await anyio.to_thread.run_sync(_take, rows, 64)
-                if not batch:
-                    return
-                for item in batch:
-                    self.counters.rows_read += 1
-                    await self._route(item, send)
+        """Stream rows from a worker thread (CSV parsing and folder listing block) in batches."""
+        reader = self._journal.reader()
+        rows = self._rows(reader)
+        try:
+            async with send:
+                while True:
+                    batch = await anyio.to_thread.run_sync(_take, rows, 64)
+                    self.counters.rows_read = self.producer_stats.rows_read
+                    self.counters.rows_skipped_done = self.producer_stats.rows_skipped_done
+                    if not batch:
+                        return
+                    for item in batch:
+                        await self._route(item, send)
+        finally:
+            reader.close()
 
     async def _route(self, item: Job | BadRow, send: MemoryObjectSendStream[Ticket]) -> None:
-        j = self._journal
-        if item.id != "" and j.seen(item.id):
-            item = BadRow(item.line, item.id, item.folder, "duplicate_id",
-                          f"duplicate id {item.id!r}: row skipped (ids must be unique)")
+        """Send a job to the submitters, or a bad row straight to the writer."""
         if isinstance(item, BadRow):
-            key = item.key if item.id != "" else f"\x00line{item.line}"
-            if j.is_done(key):
-                self.counters.rows_skipped_done += 1
-                return
-            out = Outcome.from_bad_row(item)
-            out.key = key
-            await self._emit(out, api=False)
+            await self._emit(Outcome.from_bad_row(item), api=False)
             return
+        j = self._journal
         rec = j.get(item.key)
         if rec is not None and rec.state == "done":
             self.counters.rows_skipped_done += 1

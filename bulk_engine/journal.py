@@ -19,15 +19,21 @@ The journal lives beside the output (``<output>.journal``) in SQLite, WAL mode,
 One connection, used from the event-loop thread only (sqlite3 enforces it). Every call is a
 short indexed statement, so calling it synchronously from async code is fine. Each mutating call
 commits on its own unless it runs inside ``with journal.batch():``, which commits once at the end.
+The producer's worker thread reads through its own connection (:meth:`Journal.reader`), so it
+can skip done rows before listing their folders.
 
-The journal is held exclusively while open (``locking_mode=EXCLUSIVE``): a second process running
-on the same output gets a ``ConfigError`` instead of interleaving its lines with ours.
+The journal is held exclusively while open (an ``flock`` on ``<journal>.lock``): a second
+process running on the same output gets a ``ConfigError`` instead of interleaving its lines with
+ours.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -163,6 +169,7 @@ class Journal:
         self._conn = conn
         self.path = path
         self._batch_depth = 0
+        self._lock_fd: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,13 +181,16 @@ class Journal:
         still held by another running process after ``lock_timeout`` seconds.
         """
         path = Path(path)
+        lock_fd = _take_lock(path, lock_timeout)
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves (batch()).
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=lock_timeout)
         except sqlite3.Error as exc:
+            os.close(lock_fd)
             raise ConfigError(f"cannot open journal {path}: {exc}") from None
         try:
             journal = cls(conn, path)
+            journal._lock_fd = lock_fd
             journal._setup()
         except sqlite3.OperationalError as exc:
             conn.close()
@@ -198,17 +208,21 @@ class Journal:
             ) from None
         except BaseException:
             conn.close()
+            os.close(lock_fd)
             raise
         return journal
 
+    def reader(self) -> JournalReader:
+        """A read-only view on its own connection, for the producer's worker thread."""
+        return JournalReader(self.path)
+
     def _setup(self) -> None:
         c = self._conn
-        c.execute("PRAGMA locking_mode=EXCLUSIVE")
         mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         # Without WAL (some network filesystems), NORMAL is not crash-safe: pay for FULL.
         c.execute("PRAGMA synchronous=NORMAL" if mode == "wal" else "PRAGMA synchronous=FULL")
         c.execute("PRAGMA temp_store=FILE")  # seen() must not grow memory with the manifest
-        c.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now, not at the first write
+        c.execute("BEGIN IMMEDIATE")
         try:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
@@ -233,6 +247,9 @@ class Journal:
     def close(self) -> None:
         """Close the connection (idempotent); every call outside a batch has already committed."""
         self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> Journal:
         return self
@@ -524,3 +541,51 @@ class Journal:
     def rewrite_pending(self) -> bool:
         """True if a --retry-failed rewrite was begun and not finished."""
         return self.get_meta("rewrite_pending") == "1"
+
+
+def _take_lock(path: Path, timeout: float) -> int:
+    """flock ``<path>.lock`` exclusively, waiting up to ``timeout`` s; returns the held fd."""
+    lock_path = Path(f"{path}.lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot open journal lock {lock_path}: {exc.strerror}") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                os.close(fd)
+                raise ConfigError(
+                    f"journal {path} is in use by another running bulk_engine process; "
+                    "wait for it to finish or use another --output"
+                ) from None
+            time.sleep(0.05)
+
+
+class JournalReader:
+    """A read-only connection for the producer thread: done rows and per-run duplicate ids.
+
+    ``is_done`` sees what the journal had committed (rows done in earlier runs); ``seen`` keeps
+    this run's ids in a TEMP table of this connection, on disk, so memory stays flat.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        self._conn.execute("PRAGMA temp_store=FILE")
+        self._conn.execute("CREATE TEMP TABLE seen (key TEXT PRIMARY KEY)")
+
+    def is_done(self, key: str) -> bool:
+        row = self._conn.execute("SELECT state FROM rows WHERE key = ?", (key,)).fetchone()
+        return row is not None and row[0] == DONE
+
+    def seen(self, key: str) -> bool:
+        cur = self._conn.execute("INSERT OR IGNORE INTO temp.seen(key) VALUES (?)", (key,))
+        return cur.rowcount == 0
+
+    def close(self) -> None:
+        self._conn.close()

@@ -6,11 +6,12 @@ import csv
 from pathlib import Path
 
 import pytest
-from archive_factory import make_archive
-from conftest import API_KEY, engine_settings, expected_for_folder, folder_bytes, read_lines
 
 from bulk_engine.emulator import EmulatorConfig, run_emulator
 from bulk_engine.engine import Engine
+
+from archive_factory import make_archive
+from conftest import API_KEY, engine_settings, expected_for_folder, folder_bytes, read_lines
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from archive_factory import make_archive, make_folder, make_pdf
 
 from bulk_engine import manifest as manifest_mod
 from bulk_engine.errors import ConfigError, ManifestError
@@ -28,6 +27,8 @@ from bulk_engine.manifest import (
     list_folder,
 )
 from bulk_engine.models import BadRow, Job, fingerprint_files
+
+from archive_factory import make_archive, make_folder, make_pdf
 
 MB = 1024 * 1024
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
