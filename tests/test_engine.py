@@ -180,3 +180,19 @@ async def test_auto_mode_sends_small_decision_folders_sync(tmp_path: Path) -> No
         i = int(rec["id"].split("-")[-1])
         want = ("decision", "share_link") if i % 2 else ("decision",)
         assert rec["result"] == expected_for_folder(root / rows[i]["folder"], want)
+
+
+async def test_outstanding_folders_are_bounded(tmp_path: Path) -> None:
+    """max_outstanding caps folders submitted but not yet retrieved, as seen by the server."""
+    manifest = make_archive(tmp_path / "a", 40, seed=11)
+    cfg = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.15, 0.25),
+                         max_parallel_analyses=100)
+    async with run_emulator(cfg) as emu:
+        out = tmp_path / "out.jsonl"
+        settings = engine_settings(emu.base_url, out, concurrency=4, max_outstanding=6)
+        result = await Engine(settings, manifest).run()
+        stats = emu.stats()
+    assert result.exit_code == 0
+    assert len(read_lines(out)) == 40
+    # Every accepted folder starts at once (cap 100), so analyses running together = outstanding.
+    assert 4 <= stats["max_parallel_observed"] <= 6
