@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,11 @@ async def run_engine(settings: Settings, manifest: Path | None, console: Console
         console.print(f"[red]error:[/] {redact(str(exc))}")
         return 1
     loop = asyncio.get_running_loop()
+    # aiohttp reads upload files in the loop's default executor, which DNS lookups share; the
+    # stock pool (cores + 4 threads) would queue reads behind each other at high concurrency.
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=settings.concurrency + 8, thread_name_prefix="be-io")
+    )
     signals_seen: list[int] = []
 
     def on_signal(signum: int) -> None:
