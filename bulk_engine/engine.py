@@ -172,6 +172,9 @@ class Engine:
             "ambiguous_submits": c.ambiguous_submits if c else 0,
             "bytes_uploaded": c.bytes_uploaded if c else 0,
             "final_rate_limit": round(self.limiter.current_rate, 3),
+            # The whole output so far, earlier runs included (from the journal):
+            "total_completed": self._final_counts.get("completed", 0),
+            "total_failed": self._final_counts.get("failed", 0),
         })
         if self._fatal is not None:
             code = EXIT_FATAL

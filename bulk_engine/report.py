@@ -43,7 +43,8 @@ def render_summary(
         t.add_row("throughput", f"{summary['rows_per_s']} rows/s over {summary['span_s']} s")
     for key in ("rows_skipped_done", "rows_resumed", "api_calls", "throttled_429",
                 "unavailable_503", "retries", "resubmits", "ambiguous_submits",
-                "possible_duplicates", "bytes_uploaded", "torn_lines"):
+                "possible_duplicates", "bytes_uploaded", "torn_lines", "total_completed",
+                "total_failed"):
         if summary.get(key):
             t.add_row(key.replace("_", " "), str(summary[key]))
     console.print(t)
