@@ -1,8 +1,9 @@
 """Run settings: one frozen, validated dataclass, loaded from defaults < TOML file < env < CLI.
 
-Every setting is listed with its default and a comment in ``config/default.toml`` (shipped in the
-package as ``bulk_engine/default.toml``). Environment variables are ``BULK_ENGINE_<NAME>`` with the
-setting name upper-cased (``BULK_ENGINE_RATE_LIMIT=40``).
+Every setting is listed with its default and a comment in ``config/default.toml`` (a test keeps
+the two in step). Environment variables are ``BULK_ENGINE_<NAME>`` with the setting name
+upper-cased (``BULK_ENGINE_RATE_LIMIT=40``); ``BULK_ENGINE_CONFIG`` names a TOML file. A bad value
+raises ConfigError naming the setting, the value and where it came from (flag, variable, file).
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ DEFAULT_BASE_URL = "https://api-v2.finovox.com"
 ANALYSE_TYPES = ("decision", "explanation", "share_link")
 MODES = ("async", "sync", "auto")
 ENV_PREFIX = "BULK_ENGINE_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("auto", "json", "console")
+# Variables with these prefixes belong to other tools (the emulator) or to the loader itself.
+_FOREIGN_ENV = (ENV_PREFIX + "EMULATOR_", ENV_PREFIX + "CONFIG")
+
+
+class _InvalidSetting(ConfigError):
+    """A ConfigError about one setting, so the loader can say where the bad value came from."""
+
+    def __init__(self, settings: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.settings = settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,48 +78,75 @@ class Settings:
     seed: int | None = None
     dry_run: bool = False
     progress: bool = True
+    status_interval: float = 10.0
     log_level: str = "info"
     log_format: str = "auto"
     log_file: Path | None = None
     stats_json: Path | None = None
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
+        def need(cond: bool, setting: str | tuple[str, ...], msg: str) -> None:
             if not cond:
-                raise ConfigError(msg)
+                raise _InvalidSetting((setting,) if isinstance(setting, str) else setting, msg)
 
         url = urlsplit(self.base_url)
-        need(url.scheme in ("http", "https") and bool(url.netloc),
+        need(url.scheme in ("http", "https") and bool(url.netloc), "base_url",
              f"base_url must be an http:// or https:// URL, got {self.base_url!r}")
-        need(self.concurrency >= 1, "concurrency must be at least 1")
-        need(math.isfinite(self.rate_limit) and self.rate_limit > 0,
-             "rate_limit must be a positive number of calls per second")
-        need(self.burst >= 1, "burst must be at least 1")
-        need(0 < self.poll_min <= self.poll_max,
-             f"need 0 < poll_min <= poll_max, got {self.poll_min} and {self.poll_max}")
-        need(self.poll_max < 3000, "poll_max must stay well inside the 60-minute result window")
-        need(self.max_outstanding >= self.concurrency,
-             "max_outstanding must be at least concurrency")
-        need(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        need(len(self.analyse_type) > 0, "analyse_type needs at least one value")
+        need(self.concurrency >= 1, "concurrency",
+             f"concurrency must be at least 1, got {self.concurrency}")
+        need(math.isfinite(self.rate_limit) and self.rate_limit > 0, "rate_limit",
+             f"rate_limit must be a positive number of calls per second, got {self.rate_limit}")
+        need(self.burst >= 1, "burst", f"burst must be at least 1, got {self.burst}")
+        need(math.isfinite(self.poll_min) and self.poll_min > 0, "poll_min",
+             f"poll_min must be a positive number of seconds, got {self.poll_min}")
+        need(self.poll_min <= self.poll_max, ("poll_min", "poll_max"),
+             f"poll_max ({self.poll_max}) must not be below poll_min ({self.poll_min})")
+        need(self.poll_max < 3000, "poll_max",
+             f"poll_max must stay well inside the 60-minute result window (under 3000 s), "
+             f"got {self.poll_max}")
+        need(self.max_outstanding >= self.concurrency, ("max_outstanding", "concurrency"),
+             f"max_outstanding ({self.max_outstanding}) must be at least concurrency "
+             f"({self.concurrency})")
+        need(self.mode in MODES, "mode",
+             f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        need(len(self.analyse_type) > 0, "analyse_type", "analyse_type needs at least one value")
         bad = [a for a in self.analyse_type if a not in ANALYSE_TYPES]
-        need(not bad, f"unknown analyse_type {bad}; choose from {', '.join(ANALYSE_TYPES)}")
-        need(bool(self.use_case), "use_case must not be empty")
-        need(self.max_attempts >= 1, "max_attempts must be at least 1")
-        need(self.max_retries >= 0, "max_retries must be 0 or more")
-        need(0 < self.retry_base <= self.retry_cap, "need 0 < retry_base <= retry_cap")
-        for name in ("connect_timeout", "submit_timeout", "poll_timeout", "fsync_interval"):
-            need(getattr(self, name) > 0, f"{name} must be positive")
-        need(self.max_file_size > 0, "max_file_size must be positive")
-        need(0 < self.max_failure_rate <= 1, "max_failure_rate must be in (0, 1]")
-        need(self.failure_window >= 1, "failure_window must be at least 1")
-        need(self.fsync_every >= 1, "fsync_every must be at least 1")
-        need(self.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
-             f"unknown log_level {self.log_level!r}")
-        need(self.log_format in ("auto", "json", "console"),
-             f"log_format must be auto, json or console, got {self.log_format!r}")
+        need(not bad, "analyse_type",
+             f"unknown analyse_type {', '.join(map(repr, bad))}; "
+             f"choose from {', '.join(ANALYSE_TYPES)}")
+        need(bool(self.use_case.strip()), "use_case", "use_case must not be empty")
+        need(self.auto_sync_max_bytes >= 0, "auto_sync_max_bytes",
+             f"auto_sync_max_bytes must be 0 or more, got {self.auto_sync_max_bytes}")
+        need(self.auto_sync_max_files >= 0, "auto_sync_max_files",
+             f"auto_sync_max_files must be 0 or more, got {self.auto_sync_max_files}")
+        need(self.max_attempts >= 1, "max_attempts",
+             f"max_attempts must be at least 1, got {self.max_attempts}")
+        need(self.max_retries >= 0, "max_retries",
+             f"max_retries must be 0 or more, got {self.max_retries}")
+        need(self.retry_base > 0, "retry_base",
+             f"retry_base must be a positive number of seconds, got {self.retry_base}")
+        need(self.retry_base <= self.retry_cap, ("retry_base", "retry_cap"),
+             f"retry_cap ({self.retry_cap}) must not be below retry_base ({self.retry_base})")
+        for name in ("connect_timeout", "submit_timeout", "poll_timeout", "fsync_interval",
+                     "status_interval"):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, name,
+                 f"{name} must be a positive number of seconds, got {value}")
+        need(self.max_file_size > 0, "max_file_size",
+             f"max_file_size must be a positive number of bytes, got {self.max_file_size}")
+        need(0 < self.max_failure_rate <= 1, "max_failure_rate",
+             f"max_failure_rate must be in (0, 1], got {self.max_failure_rate}")
+        need(self.failure_window >= 1, "failure_window",
+             f"failure_window must be at least 1, got {self.failure_window}")
+        need(self.fsync_every >= 1, "fsync_every",
+             f"fsync_every must be at least 1, got {self.fsync_every}")
+        need(self.log_level.lower() in LOG_LEVELS, "log_level",
+             f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        need(self.log_format in LOG_FORMATS, "log_format",
+             f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.ca_bundle is not None:
-            need(self.ca_bundle.is_file(), f"ca_bundle {self.ca_bundle} is not a readable file")
+            need(self.ca_bundle.is_file(), "ca_bundle",
+                 f"ca_bundle {self.ca_bundle} is not a readable file")
 
     @property
     def journal_path(self) -> Path:
@@ -119,18 +159,23 @@ class Settings:
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _coerce(name: str, value: Any, source: str = "") -> Any:
     """Turn a TOML/env/CLI value into the field's type, with a message naming the setting."""
     default = _FIELDS[name].default
     typ = str(_FIELDS[name].type)
+    where = f" (from {source})" if source else ""
     try:
         if value is None:
             return None
         if "Path" in typ:
+            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+                raise ValueError(value)
             return Path(value).expanduser()
         if "tuple" in typ:
             if isinstance(value, str):
-                value = [v for v in value.replace(";", ",").split(",")]
+                value = value.replace(";", ",").split(",")
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
             return tuple(str(v).strip() for v in value if str(v).strip())
         if isinstance(default, bool) or typ == "bool":
             if isinstance(value, bool):
@@ -141,15 +186,22 @@ def _coerce(name: str, value: Any) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if typ == "int" or typ == "int | None":
+        if isinstance(value, bool):  # TOML `true` is not a number, whatever Python thinks
+            raise ValueError(value)
+        if typ in ("int", "int | None"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return int(value)
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
         if typ == "float":
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name!r}: cannot read {value!r} as {typ}") from None
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError, OverflowError):
+        kind = {"int": "a whole number", "int | None": "a whole number", "float": "a number",
+                "bool": "true or false"}.get(typ, "a path" if "Path" in typ else
+                                              "a list of names" if "tuple" in typ else "text")
+        raise ConfigError(f"setting {name}: expected {kind}, got {value!r}{where}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -159,17 +211,26 @@ def read_toml(path: Path) -> dict[str, Any]:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
     section = raw.get("bulk_engine", raw)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [bulk_engine] must be a table")
     out: dict[str, Any] = {}
     for key, value in section.items():
         name = key.replace("-", "_")
         if isinstance(value, dict):
             continue  # other sections (emulator profiles) are not engine settings
         if name not in _FIELDS:
-            raise ConfigError(f"config file {path}: unknown setting {key!r}")
-        out[name] = _coerce(name, value)
+            hint = _did_you_mean(name)
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+        out[name] = _coerce(name, value, f"{path}")
     return out
 
 
@@ -179,8 +240,22 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in environ and environ[key] != "":
-            out[name] = _coerce(name, environ[key])
+            out[name] = _coerce(name, environ[key], key)
     return out
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """``BULK_ENGINE_*`` variables that name no setting (typos the CLI warns about)."""
+    known = {ENV_PREFIX + n.upper() for n in _FIELDS}
+    return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known
+                  and not k.startswith(_FOREIGN_ENV))
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def load_settings(
@@ -189,18 +264,36 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     config_file: Path | None = None,
 ) -> Settings:
-    """Merge defaults < config file < environment < CLI (values of None in ``cli`` are unset)."""
+    """Merge defaults < config file < environment < CLI (values of None in ``cli`` are unset).
+
+    The config file is ``config_file``, else ``BULK_ENGINE_CONFIG``. A bad value raises
+    ConfigError naming the setting, the value and where it came from.
+    """
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
     if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
         config_file = Path(environ[ENV_PREFIX + "CONFIG"])
     if config_file is not None:
-        merged.update(read_toml(config_file))
-    merged.update(read_env(environ))
+        from_file = read_toml(config_file)
+        merged.update(from_file)
+        source.update(dict.fromkeys(from_file, f"config file {config_file}"))
+    from_env = read_env(environ)
+    merged.update(from_env)
+    source.update({n: ENV_PREFIX + n.upper() for n in from_env})
     for name, value in (cli or {}).items():
         if value is not None and name in _FIELDS:
-            merged[name] = _coerce(name, value)
+            flag = "--" + name.replace("_", "-")
+            merged[name] = _coerce(name, value, flag)
+            source[name] = flag
     try:
         return Settings(**merged)
+    except _InvalidSetting as exc:
+        if len(exc.settings) == 1 and exc.settings[0] in source:
+            hint = f" (from {source[exc.settings[0]]})"
+        else:
+            where = [f"{n} from {source[n]}" for n in exc.settings if n in source]
+            hint = f" ({'; '.join(where)})" if where else ""
+        raise ConfigError(f"{exc}{hint}") from None
     except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
         raise ConfigError(str(exc)) from None

@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from bulk_engine.client import CaseClient, idempotency_key
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
+    ApiError,
     BulkEngineError,
     ConfigError,
     ManifestError,
@@ -51,7 +53,7 @@ from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter
 from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, fingerprint_files
 from bulk_engine.ratelimit import RateLimiter
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
-from bulk_engine.stats import LiveCounters, Summary
+from bulk_engine.stats import LiveCounters, Summary, decision_of
 from bulk_engine.writer import ResultWriter, reconcile, repair_tail, rewrite_without_failed
 
 log = get_logger()
@@ -109,7 +111,9 @@ class Engine:
         self.counters = LiveCounters()
         self.producer_stats = ProducerStats()
         self.summary = Summary()
-        self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock)
+        # Start at the steady rate, not with a burst: see RateLimiter's ``initial_tokens``.
+        self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock,
+                                   initial_tokens=1.0)
         self.possible_duplicates = 0
         self.resubmits = 0
         self._recent_api_outcomes: deque[bool] = deque(maxlen=settings.failure_window)
@@ -117,6 +121,10 @@ class Engine:
         self._interrupted = False
         self._fatal: BaseException | None = None
         self._final_counts: dict[str, int] = {}
+        # Rows whose journaled token this run took over at startup: the producer must not send
+        # them again when it meets them, whatever state the journal shows by then (a 404 or a
+        # changed folder moves them through pending/submitting while their task owns them).
+        self._resumed: set[str] = set()
         self.client: CaseClient | None = None
 
     # --- control ---------------------------------------------------------------------------------
@@ -146,7 +154,10 @@ class Engine:
             reconcile(s.output, journal)
             if s.retry_failed:
                 n = journal.begin_retry_failed()
-                journal.finish_retry_failed(rewrite_without_failed(s.output, journal))
+                # Nothing failed: keep the file as it is (no rewrite of a large output for
+                # nothing); reconcile just set the offset to its size.
+                journal.finish_retry_failed(
+                    rewrite_without_failed(s.output, journal) if n else journal.output_offset)
                 log.info("retry_failed", rows=n)
             self._journal = journal
             await self._run_pipeline()
@@ -224,15 +235,23 @@ class Engine:
     async def _inner(self) -> None:
         s = self.settings
         job_send, job_recv = anyio.create_memory_object_stream[Ticket](s.concurrency)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self.scheduler.run)
-            async with anyio.create_task_group() as feeders:
-                await self._resume_live_tokens(feeders)
-                feeders.start_soon(self._produce, job_send)
-                for _ in range(s.concurrency):
-                    feeders.start_soon(self._submit_worker, job_recv.clone())
-                job_recv.close()
-            self.scheduler.close()
+        clones = [job_recv.clone() for _ in range(s.concurrency)]
+        job_recv.close()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.scheduler.run)
+                async with anyio.create_task_group() as feeders:
+                    await self._resume_live_tokens(feeders)
+                    feeders.start_soon(self._produce, job_send)
+                    for clone in clones:
+                        feeders.start_soon(self._submit_worker, clone)
+                self.scheduler.close()
+        finally:
+            # The tasks close their streams, but an interrupt or a fatal error (a 403 while
+            # live tokens resume) can cancel them before they start. Closing twice is harmless.
+            job_send.close()
+            for clone in clones:
+                clone.close()
 
     # --- producer --------------------------------------------------------------------------------
 
@@ -271,6 +290,9 @@ class Engine:
         if isinstance(item, BadRow):
             await self._emit(Outcome.from_bad_row(item), api=False)
             return
+        if item.key in self._resumed:
+            self._resumed.discard(item.key)  # a key meets the producer once: free the memory
+            return  # owned since startup by its resumed token (or that token's resubmission)
         j = self._journal
         rec = j.get(item.key)
         if rec is not None and rec.state == "done":
@@ -295,6 +317,7 @@ class Engine:
         """
         for rec in self._journal.live_tokens():
             self.counters.rows_resumed += 1
+            self._resumed.add(rec.key)
             try:
                 job = await anyio.to_thread.run_sync(self._job_from_record, rec)
             except ManifestError as exc:
@@ -314,7 +337,7 @@ class Engine:
             sub = Submitted(
                 job=job, token=rec.token or "", submitted_at=rec.submitted_at or time.time(),
                 submitted_mono=self.clock.now(), attempts=rec.attempts, run_id=rec.run_id,
-                resumed=True,
+                resumed=True, possible_duplicate=rec.possible_duplicate,
             )
             self.counters.processing += 1
             self.scheduler.add(sub, delay=0.0)
@@ -356,16 +379,27 @@ class Engine:
         job, s = ticket.job, self.settings
         assert self.client is not None
         client = self.client
+        structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
         if ticket.possible_duplicate:
             self.possible_duplicates += 1
         mode = self._mode_for(job)
-        self._journal.mark_submitting(job, ticket.attempts)
         idem = idempotency_key(job.id, job.fingerprint, ticket.attempts) if s.idempotency else None
         submitted_wall = time.time()
+        journaled = False
+
+        def before_send() -> None:
+            # Journal intent once, when the first request of this submission really goes out.
+            nonlocal journaled
+            if not journaled:
+                self._journal.mark_submitting(job, ticket.attempts)
+                journaled = True
+
         try:
             async with self._uploads:
                 answer = await client.call_with_retries(
-                    lambda: client.submit_once(job, asynchronous=mode == "async", idem_key=idem)
+                    lambda: client.submit_once(job, asynchronous=mode == "async", idem_key=idem,
+                                               before_send=before_send),
+                    on_retry=_log_retry,
                 )
         except (PermanentError, TransientError) as exc:
             await self._finish_job(job, ticket.attempts, 0, status="failed", error=ErrorInfo(
@@ -385,6 +419,7 @@ class Engine:
         self.scheduler.add(Submitted(
             job=job, token=answer.token, submitted_at=submitted_wall,
             submitted_mono=self.clock.now(), attempts=ticket.attempts,
+            possible_duplicate=ticket.possible_duplicate,
         ))
 
     # --- polls -----------------------------------------------------------------------------------
@@ -393,8 +428,10 @@ class Engine:
         """One poll of one token, with transport retries; applies the retrieve policy."""
         assert self.client is not None
         client = self.client
+        structlog.contextvars.bind_contextvars(id=sub.job.id)  # one task per poll
         try:
-            answer = await client.call_with_retries(lambda: client.retrieve_once(sub.token))
+            answer = await client.call_with_retries(lambda: client.retrieve_once(sub.token),
+                                                    on_retry=_log_retry)
         except TransientError:
             if self.clock.now() - sub.submitted_mono < MAX_TOKEN_AGE_S:
                 return PollDecision.AGAIN
@@ -434,7 +471,8 @@ class Engine:
                           error: ErrorInfo | None = None) -> None:
         self.counters.processing -= 1
         await self._finish_job(sub.job, sub.attempts, sub.polls, status=status, result=result,
-                               error=error, submitted_at=sub.submitted_at, run_id=sub.run_id)
+                               error=error, submitted_at=sub.submitted_at, run_id=sub.run_id,
+                               possible_duplicate=sub.possible_duplicate)
 
     async def _finish_job(self, job: Job, attempts: int, polls: int, *, status: str,
                           result: Any = None, error: ErrorInfo | None = None,
@@ -445,6 +483,7 @@ class Engine:
             result=result, error=error, run_id=run_id, attempts=attempts, polls=polls,
             submitted_at=submitted_at, completed_at=time.time(), files=len(job.files),
             total_bytes=job.total_bytes, possible_duplicate=possible_duplicate,
+            path=str(job.path),
         )
         self._outstanding.release()
         await self._emit(out, api=True)
@@ -456,7 +495,7 @@ class Engine:
             self.counters.failed += 1
         log.info("row_done", id=out.id, status=out.status, attempts=out.attempts,
                  polls=out.polls, error=out.error.kind if out.error else None,
-                 latency_s=out.to_json()["latency_s"])
+                 decision=decision_of(out.result), latency_s=out.to_json()["latency_s"])
         await self._out.send(out)
         if api:
             self._check_mass_failure(out)
@@ -479,6 +518,11 @@ class Engine:
     def _on_durable(self, outcomes: list[Outcome]) -> None:
         for out in outcomes:
             self.summary.add(out.to_json())
+
+
+def _log_retry(exc: ApiError) -> None:
+    """A transient failure about to be retried (the row id comes from the task's context)."""
+    log.debug("retry", kind=exc.kind, http_status=exc.http_status, message=exc.message)
 
 
 def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:

@@ -97,6 +97,7 @@ class Submitted:
     last_pending_mono: float | None = None  # last time a poll answered 202
     run_id: str | None = None
     resumed: bool = False
+    possible_duplicate: bool = False  # sent again after a crash mid-POST: carried to its line
 
 
 @dataclass(slots=True)
@@ -118,6 +119,7 @@ class Outcome:
     files: int = 0
     total_bytes: int = 0
     possible_duplicate: bool = False
+    path: str | None = None  # the folder as resolved on disk (absolute), when it was
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +141,8 @@ class Outcome:
                 if self.completed_at is not None and self.submitted_at is not None
                 else None
             ),
+            "path": self.path,
+            "possible_duplicate": self.possible_duplicate,
         }
 
     def to_line(self) -> bytes:

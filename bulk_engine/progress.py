@@ -1,119 +1,336 @@
 """Live progress: a rich panel on a terminal, or a periodic one-line status in the logs.
 
-Reads the engine's ``LiveCounters`` and the limiter; never touches the pipeline. The ETA comes
-from a recent window of completions (the last ~60 s), not the whole-run average, so it follows
-the current pace after a slow start or a throttled hour.
+Reads the engine's ``LiveCounters``, the client's call counters and the limiter; never touches
+the pipeline. The ETA comes from a recent window of completions (the last 60 s), not the
+whole-run average, so it follows the current pace after a slow start or a throttled hour.
+
+The total number of rows (for the bar and the ETA) is counted in a worker thread, a chunk at a
+time, while the run goes: a manifest's records, or the leaf folders under ``--root``. Until it is
+known the ETA shows ``—``.
+
+The figures are computed by ``ProgressModel.snapshot``, pure code fed with a time and the
+counters, so tests check them without an engine or a clock.
 """
 
 from __future__ import annotations
 
-import time
+import csv
+import os
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import anyio
 from rich.console import Console
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.logs import get_logger
-
-if TYPE_CHECKING:
-    from bulk_engine.engine import Engine
+from bulk_engine.stats import LiveCounters
 
 log = get_logger()
+
+ETA_WINDOW_S = 60.0  # the "recent pace" the ETA follows
+CALL_WINDOW_S = 10.0  # API calls/s are shown over this window
+MIN_SPAN_S = 5.0  # no ETA until the window spans this long (the first seconds are noise)
 
 
 class RateWindow:
     """Events per second over a sliding window of (time, cumulative count) samples."""
 
-    def __init__(self, window: float = 60.0) -> None:
+    def __init__(self, window: float = ETA_WINDOW_S, *, min_span: float = 0.0) -> None:
         self.window = window
+        self.min_span = min_span
         self._samples: deque[tuple[float, int]] = deque()
 
     def add(self, now: float, total: int) -> None:
         self._samples.append((now, total))
-        while len(self._samples) > 2 and now - self._samples[0][0] > self.window:
+        # Keep one sample at or before the window's start, so the window spans it fully.
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
 
+    def span(self) -> float:
+        """Seconds between the oldest and newest samples kept."""
+        return self._samples[-1][0] - self._samples[0][0] if self._samples else 0.0
+
     def rate(self) -> float | None:
+        """Events per second over the window; None until the samples span ``min_span``."""
         if len(self._samples) < 2:
             return None
         (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
-        return (c1 - c0) / (t1 - t0) if t1 > t0 else None
+        if t1 - t0 <= 0 or t1 - t0 < self.min_span:
+            return None
+        return max(c1 - c0, 0) / (t1 - t0)
 
 
 def eta_seconds(remaining: int | None, rate: float | None) -> float | None:
-    """Seconds left at the recent pace; None when unknown."""
-    if remaining is None or rate is None or rate <= 0:
+    """Seconds left at the recent pace; 0 when nothing remains; None when unknown."""
+    if remaining is None:
+        return None
+    if remaining <= 0:
+        return 0.0
+    if rate is None or rate <= 0:
         return None
     return remaining / rate
 
 
-def _fmt_eta(sec: float | None) -> str:
+def fmt_duration(sec: float | None) -> str:
+    """``1h05m``, ``4m07s``, ``12s``; ``—`` when unknown."""
     if sec is None:
         return "—"
-    sec = int(sec)
-    h, rem = divmod(sec, 3600)
+    sec = round(sec)
+    d, rem = divmod(sec, 86400)
+    h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def snapshot(engine: Engine, done_rate: RateWindow, call_rate: RateWindow,
-             total_rows: int | None) -> dict[str, Any]:
-    """The figures shown, as one dict (also what the periodic status line logs)."""
-    c = engine.counters
-    stats = engine.client.stats if engine.client else None
-    now = time.monotonic()
-    done_rate.add(now, c.done)
-    call_rate.add(now, stats.calls if stats else 0)
-    remaining = (total_rows - c.done - c.rows_skipped_done) if total_rows else None
+def fmt_bytes(n: float) -> str:
+    """``512 B``, ``1.2 MB``, ``3.40 GB`` (powers of 1000, as network rates are)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _ClientStats(Protocol):
+    calls: int
+    throttled: int
+    retries: int
+
+
+@dataclass
+class ProgressModel:
+    """The figures shown, from a time and the counters; keeps the rate windows between ticks."""
+
+    total_rows: int | None = None
+    rate_limit: float | None = None  # the configured limit (the limiter may run below it)
+    started: float | None = None
+    done_rate: RateWindow = field(
+        default_factory=lambda: RateWindow(ETA_WINDOW_S, min_span=MIN_SPAN_S))
+    call_rate: RateWindow = field(
+        default_factory=lambda: RateWindow(CALL_WINDOW_S, min_span=MIN_SPAN_S))
+
+    def snapshot(self, now: float, c: LiveCounters, stats: _ClientStats | None,
+                 current_rate: float) -> dict[str, Any]:
+        """One tick: the figures as a flat dict (also the fields of the status log line)."""
+        if self.started is None:
+            self.started = now
+        self.done_rate.add(now, c.done)
+        self.call_rate.add(now, stats.calls if stats else 0)
+        remaining = (max(self.total_rows - c.done - c.rows_skipped_done, 0)
+                     if self.total_rows is not None else None)
+        per_s = self.done_rate.rate()
+        eta = eta_seconds(remaining, per_s)
+        return {
+            "rows_total": self.total_rows,
+            "rows_read": c.rows_read,
+            "skipped_done": c.rows_skipped_done,
+            "resumed": c.rows_resumed,
+            "submitted": c.submitted,
+            "processing": c.processing,
+            "completed": c.completed,
+            "failed": c.failed,
+            "remaining": remaining,
+            "rows_per_min": round(per_s * 60, 1) if per_s is not None else None,
+            "pace_window_s": round(self.done_rate.span()),
+            "calls_per_s": _round(self.call_rate.rate()),
+            "rate_limit": round(current_rate, 1),
+            "rate_limit_configured": self.rate_limit,
+            "throttled_429": stats.throttled if stats else 0,
+            "retries": stats.retries if stats else 0,
+            "bytes_uploaded": c.bytes_uploaded,
+            "elapsed_s": round(now - self.started, 1),
+            "eta_s": round(eta) if eta is not None else None,
+        }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
+
+
+def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot as the periodic ``status`` log event: short, one line, machine-readable."""
+    total = snap["rows_total"]
+    done = snap["completed"] + snap["failed"] + snap["skipped_done"]
     return {
-        "rows_read": c.rows_read,
-        "submitted": c.submitted,
-        "processing": c.processing,
-        "completed": c.completed,
-        "failed": c.failed,
-        "skipped_done": c.rows_skipped_done,
-        "calls_per_s": round(call_rate.rate() or 0.0, 1),
-        "rate_limit": round(engine.limiter.current_rate, 1),
-        "throttled_429": stats.throttled if stats else 0,
-        "mb_uploaded": round(c.bytes_uploaded / 1e6, 1),
-        "eta": _fmt_eta(eta_seconds(remaining, done_rate.rate())),
+        "done": f"{done}/{total}" if total is not None else done,
+        **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
+                                "processing", "rows_per_min", "calls_per_s", "rate_limit",
+                                "throttled_429", "retries", "bytes_uploaded", "elapsed_s",
+                                "eta_s")},
+        "eta": fmt_duration(snap["eta_s"]),
     }
 
 
-def _table(snap: dict[str, Any]) -> Table:
-    t = Table(title="bulk_engine", show_header=False, expand=False)
-    t.add_column("what", style="bold")
-    t.add_column("value", justify="right")
-    t.add_row("rows read", str(snap["rows_read"]))
-    t.add_row("submitted", str(snap["submitted"]))
-    t.add_row("processing", str(snap["processing"]))
-    t.add_row("done", f"[green]{snap['completed']}[/] ok  [red]{snap['failed']}[/] failed")
+def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
+    """The live panel for one snapshot."""
+    t = Table(title=f"bulk_engine · {fmt_duration(snap['elapsed_s'])} elapsed",
+              show_header=False, title_justify="left", min_width=56)
+    t.add_column("what", style="bold", no_wrap=True)
+    t.add_column("value", no_wrap=True)
+    total = snap["rows_total"]
+    done = snap["completed"] + snap["failed"] + snap["skipped_done"]
+    if total:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(ProgressBar(total=total, completed=min(done, total), width=24),
+                     f"{done}/{total} ({100 * done / total:.0f} %)")
+        t.add_row("progress", grid)
+    read = str(snap["rows_read"])
+    t.add_row("rows read", read + (f" of {total}" if total is not None else " (counting…)"))
     if snap["skipped_done"]:
-        t.add_row("already done", str(snap["skipped_done"]))
-    t.add_row("API calls/s", f"{snap['calls_per_s']} / {snap['rate_limit']} limit")
-    t.add_row("429s", str(snap["throttled_429"]))
-    t.add_row("uploaded", f"{snap['mb_uploaded']} MB")
-    t.add_row("ETA", snap["eta"])
+        t.add_row("already done", f"{snap['skipped_done']} (skipped)")
+    if snap["resumed"]:
+        t.add_row("resumed", f"{snap['resumed']} submitted by the last run, polled again")
+    t.add_row("submitted", str(snap["submitted"]))
+    t.add_row("processing", f"{snap['processing']} awaiting their result")
+    t.add_row("done", f"[green]{snap['completed']} completed[/]  "
+                      f"[{'red' if snap['failed'] else 'dim'}]{snap['failed']} failed[/]")
+    pace = snap["rows_per_min"]
+    t.add_row("pace", f"{pace:g} rows/min (last {snap['pace_window_s']} s)" if pace is not None
+              else "—")
+    calls = snap["calls_per_s"]
+    text = f"{'—' if calls is None else f'{calls:g}'} of {snap['rate_limit']:g} allowed"
+    conf = snap["rate_limit_configured"]
+    if conf is not None and abs(conf - snap["rate_limit"]) > 0.05:
+        text += f" [yellow](slowed from {conf:g} after 429s)[/]"
+    t.add_row("API calls/s", text)
+    t.add_row("429s · retries", f"{snap['throttled_429']} · {snap['retries']}")
+    t.add_row("uploaded", fmt_bytes(snap["bytes_uploaded"]))
+    if finished or snap["remaining"] == 0:
+        eta = "finished" if snap["remaining"] == 0 else "stopped"
+    else:
+        eta = fmt_duration(snap["eta_s"])
+        if snap["eta_s"] is None and snap["remaining"] is not None and pace == 0:
+            eta = "— (nothing finished in the last minute)"
+    t.add_row("ETA", eta)
     return t
 
 
-async def show_progress(engine: Engine, *, live: bool, total_rows: int | None = None,
-                        interval: float | None = None, console: Console | None = None) -> None:
-    """Run until cancelled: a rich Live panel when ``live``, else a status log line."""
-    done_rate, call_rate = RateWindow(), RateWindow(10.0)
-    if live:
-        console = console or Console(stderr=True)
-        with Live(console=console, refresh_per_second=4, transient=False) as panel:
-            try:
-                while True:
-                    panel.update(_table(snapshot(engine, done_rate, call_rate, total_rows)))
-                    await anyio.sleep(interval or 0.25)
-            finally:
-                panel.update(_table(snapshot(engine, done_rate, call_rate, total_rows)))
-    else:
-        while True:
-            await anyio.sleep(interval or 10.0)
-            log.info("status", **snapshot(engine, done_rate, call_rate, total_rows))
+# ---- row counting ---------------------------------------------------------------------------
+
+
+def _manifest_records(path: Path) -> Iterator[bool]:
+    """Yield once per non-blank CSV record after the header (True), streaming the file."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        header_seen = False
+        for row in csv.reader(fh):
+            if not any(cell.strip() for cell in row):
+                continue
+            if header_seen:
+                yield True
+            header_seen = True
+
+
+def _root_leaves(root: Path) -> Iterator[bool]:
+    """Yield once per leaf folder under ``root`` (the rule of ``manifest.iter_root``)."""
+    for dirpath, dirnames, _ in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and not os.path.islink(os.path.join(dirpath, d))]
+        yield not dirnames
+
+
+class RowCounter:
+    """Counts a run's rows a chunk at a time (``step``), so a thread can do it cancellably."""
+
+    def __init__(self, items: Iterator[bool]) -> None:
+        self._items = items
+        self.count = 0
+        self.done = False
+        self.failed = False
+
+    @classmethod
+    def for_source(cls, manifest: Path | None, root: Path | None) -> RowCounter | None:
+        if manifest is not None:
+            return cls(_manifest_records(manifest))
+        if root is not None:
+            return cls(_root_leaves(root))
+        return None
+
+    def step(self, budget: int = 20_000) -> bool:
+        """Advance by up to ``budget`` items; True once the count is final (or failed)."""
+        try:
+            for _ in range(budget):
+                if next(self._items):
+                    self.count += 1
+        except StopIteration:
+            self.done = True
+        except (OSError, csv.Error, UnicodeError):
+            # The engine reports a broken manifest itself; the panel just shows no total.
+            self.done = self.failed = True
+        return self.done
+
+    @property
+    def total(self) -> int | None:
+        return self.count if self.done and not self.failed else None
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+
+class _Source(Protocol):
+    counters: LiveCounters
+
+    @property
+    def client(self) -> Any: ...
+
+    @property
+    def limiter(self) -> Any: ...
+
+
+async def show_progress(
+    engine: _Source,
+    *,
+    live: bool,
+    total_rows: int | None = None,
+    interval: float | None = None,
+    console: Console | None = None,
+    clock: Clock | None = None,
+    rate_limit: float | None = None,
+    counter: RowCounter | None = None,
+) -> None:
+    """Run until cancelled: a rich Live panel when ``live``, else a ``status`` log line.
+
+    ``interval`` is the panel refresh (default 0.5 s) or the status period (default 10 s).
+    ``counter`` counts the rows in the background when ``total_rows`` is not given.
+    """
+    clock = clock or MonotonicClock()
+    model = ProgressModel(total_rows=total_rows, rate_limit=rate_limit)
+
+    def snap() -> dict[str, Any]:
+        stats = engine.client.stats if engine.client is not None else None
+        return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate)
+
+    async with anyio.create_task_group() as tg:
+        if total_rows is None and counter is not None:
+            tg.start_soon(_count_rows, counter, model)
+        if live:
+            console = console or Console(stderr=True)
+            with Live(console=console, auto_refresh=False, transient=False) as panel:
+                try:
+                    while True:
+                        panel.update(render_panel(snap()), refresh=True)
+                        await clock.sleep(interval or 0.5)
+                finally:
+                    panel.update(render_panel(snap(), finished=True), refresh=True)
+        else:
+            period = interval or 10.0
+            snap()  # the first sample: elapsed time and the rate windows start now
+            while True:
+                await clock.sleep(period)
+                log.info("status", **status_fields(snap()))
+
+
+async def _count_rows(counter: RowCounter, model: ProgressModel) -> None:
+    while not await anyio.to_thread.run_sync(counter.step):
+        pass
+    model.total_rows = counter.total

@@ -67,7 +67,8 @@ class RateLimiter:
     """A token bucket with explicit burst, priorities, a global pause and AIMD adaptation.
 
     ``rate`` is the configured calls per second (the ceiling); ``burst`` the number of calls that
-    may go back to back after a quiet spell. All time comes from ``clock``.
+    may go back to back after a quiet spell; ``initial_tokens`` (default: ``burst``) how many may
+    go at once at the start. All time comes from ``clock``.
     """
 
     DECREASE_FACTOR = 0.5
@@ -82,6 +83,7 @@ class RateLimiter:
         clock: Clock,
         adaptive: bool = True,
         min_rate: float | None = None,
+        initial_tokens: float | None = None,
     ) -> None:
         if not (math.isfinite(rate) and rate > 0):
             raise ValueError(f"rate must be a positive number of calls per second, got {rate}")
@@ -97,7 +99,13 @@ class RateLimiter:
         self._clock = clock
         start = clock.now()
         self._current = self.rate
-        self._tokens = float(self.burst)
+        # None: start with a full bucket. The engine starts with one token: the server's bucket
+        # may be drained already (another run of the key), and a start-up burst that meets the
+        # server's own burst leaves no room for network jitter (a 429, then AIMD halves the rate).
+        self._tokens = (
+            float(self.burst) if initial_tokens is None
+            else min(float(self.burst), max(0.0, float(initial_tokens)))
+        )
         self._last = start  # time up to which _tokens is accounted
         self._pause_until = -math.inf
         self._last_decrease = -math.inf

@@ -1,0 +1,250 @@
+"""The command line: help, exit codes for bad settings, --dry-run sends nothing, a full run."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+from structlog.testing import capture_logs
+
+from bulk_engine.cli import main, run_engine
+from bulk_engine.emulator import EmulatorConfig, run_emulator
+from bulk_engine.engine import Engine
+from bulk_engine.logs import reset_logging
+
+from archive_factory import make_archive
+from conftest import API_KEY, engine_settings, read_lines
+
+pytestmark = pytest.mark.timeout(30)
+FAST = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.03), seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for name in ("BULK_ENGINE_API_KEY", "BULK_ENGINE_CONFIG", "BULK_ENGINE_CONCURRENCY"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    reset_logging()
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    return capsys.readouterr().err
+
+
+# ---- help and bad settings ------------------------------------------------------------------
+
+
+def test_help_shows_examples_precedence_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help ends with examples, the settings precedence and the exit codes."""
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for want in ("examples:", "--dry-run", "report results.jsonl", "BULK_ENGINE_<NAME>",
+                 "config/default.toml", "exit codes:", "130 interrupted", "--status-interval",
+                 "--log-file", "--stats-json"):
+        assert want in out, want
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["m.csv", "--concurrency", "0"], "concurrency must be at least 1, got 0 (from --concurrency)"),
+    (["m.csv", "--poll-min", "40"], "poll_max (30.0) must not be below poll_min (40.0)"),
+    (["m.csv", "--analyse-type", "decision,verdict"], "unknown analyse_type 'verdict'"),
+    (["m.csv", "--concurrency", "lots"], "argument --concurrency: invalid int value: 'lots'"),
+    (["m.csv", "--mode", "turbo"], "argument --mode: invalid choice: 'turbo'"),
+    (["m.csv", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["m.csv", "--base-url", "api.example.com"], "base_url must be an http:// or https:// URL"),
+    ([], "give a manifest CSV (or --root DIR)"),
+    (["missing.csv"], "manifest missing.csv does not exist"),
+    (["m.csv", "--root", "."], "give a manifest CSV or --root DIR, not both"),
+    (["m.csv", "--stats-json", "/no/such/dir/s.json"], "stats_json: directory /no/such/dir"),
+    (["m.csv", "--config", "nope.toml"], "config file nope.toml does not exist"),
+])
+def test_bad_settings_exit_1_with_a_precise_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], message: str,
+) -> None:
+    """Bad values and usage errors exit 1 (2 means "rows failed"), with the exact problem."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("folder\nx\n")
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_environment_value_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad BULK_ENGINE_* value names the variable."""
+    (tmp_path / "m.csv").write_text("folder\nx\n")
+    monkeypatch.setenv("BULK_ENGINE_CONCURRENCY", "-2")
+    assert main([str(tmp_path / "m.csv")]) == 1
+    assert "concurrency must be at least 1, got -2 (from BULK_ENGINE_CONCURRENCY)" in _err(capsys)
+
+
+def test_bad_config_file_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --config entry names the file and the setting."""
+    (tmp_path / "m.csv").write_text("folder\nx\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("rate_limit = -1\n")
+    assert main([str(tmp_path / "m.csv"), "--config", str(cfg)]) == 1
+    err = _err(capsys)
+    assert "rate_limit must be a positive number" in err and "c.toml" in err
+
+
+def test_errors_never_show_the_key_nor_break_on_brackets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error quoting the key prints it redacted; brackets in paths are not markup."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["m.csv", "--api-key", "sekrit-123", "--base-url", "ftp://sekrit-123@h"]) == 1
+    err = _err(capsys)
+    assert "sekrit-123" not in err and "[REDACTED]" in err
+    assert main(["[/tmp/x]/m.csv"]) == 1
+    assert "manifest [/tmp/x]/m.csv does not exist" in _err(capsys)
+
+
+def test_missing_api_key_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real run without a key stops before any work with a hint."""
+    manifest = make_archive(tmp_path / "a", 2, seed=1)
+    assert main([str(manifest), "--output", str(tmp_path / "o.jsonl")]) == 1
+    assert "no API key: set BULK_ENGINE_API_KEY" in _err(capsys)
+
+
+def test_unknown_environment_variable_is_warned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in a BULK_ENGINE_* name is logged as a warning (it would be silently ignored)."""
+    manifest = make_archive(tmp_path / "a", 1, seed=1)
+    monkeypatch.setenv("BULK_ENGINE_CONCURENCY", "4")
+    log = tmp_path / "run.log"
+    assert main([str(manifest), "--dry-run", "--output", str(tmp_path / "o.jsonl"),
+                 "--log-file", str(log)]) == 0
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(e["event"], e["name"]) for e in events] == [
+        ("unknown_environment_variable", "BULK_ENGINE_CONCURENCY")]
+
+
+# ---- --dry-run ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A listening socket to point --base-url at, and sockets that refuse to connect anywhere."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"network used during --dry-run: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    yield listener
+    with pytest.raises(BlockingIOError):
+        listener.accept()  # nobody came
+    listener.close()
+
+
+def test_dry_run_plans_and_sends_nothing(
+    tmp_path: Path, no_network: socket.socket, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows, files, bytes, rejected rows and an estimate; no key needed, nothing sent; exit 2."""
+    manifest = make_archive(tmp_path / "a", 20, seed=2)
+    with manifest.open("a", encoding="utf-8") as fh:
+        fh.write("gone,does/not/exist\ncase-00003,folders/x\n")
+    plan_json = tmp_path / "plan.json"
+    port = no_network.getsockname()[1]
+    code = main([str(manifest), "--dry-run", "--base-url", f"http://127.0.0.1:{port}",
+                 "--output", str(tmp_path / "o.jsonl"), "--rate-limit", "4",
+                 "--stats-json", str(plan_json)])
+    assert code == 2  # some rows would fail
+    plan = json.loads(plan_json.read_text())
+    assert plan["rows_read"] == 22
+    assert plan["rows_to_submit"] == 20 and plan["rows_already_done"] == 0
+    assert plan["rejected_by_kind"] == {"folder_missing": 1, "duplicate_id": 1}
+    assert plan["files"] > 20 and plan["bytes"] > 0
+    assert plan["api_calls"] == 40 and plan["estimated_seconds"] == 20  # 40/4 + poll_min 10
+    assert plan["journal"] == "none"
+    out = _err(capsys)
+    assert "Dry run: nothing was sent" in out and "folder_missing" in out
+    assert not (tmp_path / "o.jsonl").exists()
+    assert not (tmp_path / "o.jsonl.journal").exists()
+
+
+async def test_dry_run_counts_rows_already_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a run, a dry run of a longer manifest skips the done rows, as a rerun would."""
+    manifest = make_archive(tmp_path / "a", 30, seed=3)
+    lines = manifest.read_text().splitlines(keepends=True)
+    short = manifest.with_name("short.csv")
+    short.write_text("".join(lines[:11]))  # header + 10 rows
+    out = tmp_path / "o.jsonl"
+    async with run_emulator(FAST) as emu:
+        result = await Engine(engine_settings(emu.base_url, out), short).run()
+    assert result.exit_code == 0
+    before = out.read_bytes()
+    plan_json = tmp_path / "plan.json"
+    assert main([str(manifest), "--dry-run", "--output", str(out), "--mode", "auto",
+                 "--stats-json", str(plan_json)]) == 0
+    plan = json.loads(plan_json.read_text())
+    assert (plan["rows_already_done"], plan["rows_to_submit"], plan["sync_rows"]) == (10, 20, 20)
+    assert plan["journal"] == "read"
+    assert plan["api_calls"] == 20  # sync rows: one call each
+    assert "(20 in sync mode)" in _err(capsys)
+    assert out.read_bytes() == before  # the dry run wrote nothing
+
+
+# ---- a full run -----------------------------------------------------------------------------
+
+
+async def test_run_prints_summary_writes_stats_json_and_logs(tmp_path: Path) -> None:
+    """run_engine: exit 0, the summary on the console, --stats-json, one row_done per row."""
+    manifest = make_archive(tmp_path / "a", 15, seed=4)
+    out, stats = tmp_path / "o.jsonl", tmp_path / "stats.json"
+    buf = io.StringIO()
+    console = Console(file=buf, width=120, color_system=None)
+    async with run_emulator(FAST) as emu:
+        settings = engine_settings(emu.base_url, out, stats_json=stats)
+        with capture_logs() as logs:
+            code = await run_engine(settings, manifest, console)
+    assert code == 0
+    summary = json.loads(stats.read_text())
+    assert summary["rows"] == 15 and summary["by_status"] == {"completed": 15}
+    assert summary["api_calls"] >= 30 and summary["throttled_429"] == 0
+    assert summary["latency_s"]["p50"] > 0
+    text = buf.getvalue()
+    assert "Run summary" in text and "latency p50 / p95 / p99" in text
+    assert len([e for e in logs if e["event"] == "row_done"]) == 15
+    assert [e["rows"] for e in logs if e["event"] == "run_summary"] == [15]
+    lines = read_lines(out)
+    assert all(rec["path"] == str(manifest.parent / rec["folder"]) for rec in lines)
+    assert all(rec["possible_duplicate"] is False for rec in lines)
+
+
+# ---- the README ------------------------------------------------------------------------------
+
+
+def test_readme_covers_every_flag_output_field_and_exit_code() -> None:
+    """Each CLI flag, each output field and each exit code is in the README; it has Tuning."""
+    from bulk_engine.cli import build_parser
+    from bulk_engine.models import Outcome
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    flags = [o for a in build_parser()._actions for o in a.option_strings if o != "-h"]
+    assert [f for f in flags if f"`{f}" not in readme] == []
+    fields = Outcome(key="k", line=1, id="i", folder="f", status="completed").to_json()
+    assert [f for f in fields if f"`{f}`" not in readme] == []
+    for code in ("0", "1", "2", "130"):
+        assert f"| {code} |" in readme
+    assert "## Tuning" in readme and "bulk_engine bench" in readme
