@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from bulk_engine.sample import minimal_pdf
+
 DOC_NAMES = (
     "payslip",
     "tax_notice",
@@ -46,31 +48,7 @@ _LAST = ("Martin", "Bernard", "Dubois", "Nguyen", "Leroy", "Moreau", "Fournier",
 def make_pdf(rng: random.Random, title: str) -> bytes:
     """A small, well-formed one-page PDF whose text and length vary with ``rng``."""
     words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 60)))
-    text = f"{title} {rng.randint(1000, 999999)} {words}".replace("\\", "").replace("(", "")
-    text = text.replace(")", "")
-    stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode("latin-1", "replace")
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for i, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (i, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    for off in offsets:
-        out += b"%010d 00000 n \n" % off
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return minimal_pdf(f"{title} {rng.randint(1000, 999999)} {words}")
 
 
 def make_form(rng: random.Random) -> bytes:
