@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-#: ``Retry-After`` values are clamped to this many seconds: a server asking for more than an hour
-#: is more likely broken than right, and results expire after 60 minutes anyway.
-MAX_RETRY_AFTER = 3600.0
+#: ``Retry-After`` values are clamped to this many seconds. A 429 pauses every caller, polls
+#: included, and results expire 60 minutes after completion: one long pause must not let them
+#: expire. A server that still wants quiet says so again after five minutes.
+MAX_RETRY_AFTER = 300.0
 
 # Delay-seconds per RFC 9110 are digits only; decimals and a sign are accepted because real
 # gateways send them. Exponents, "inf", "nan" and underscores are not numbers here.

@@ -16,15 +16,17 @@ and sent as one bytes body instead: same bytes, less CPU.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import mimetypes
 import os
 import random
 import ssl
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 
@@ -47,6 +49,11 @@ from bulk_engine.ratelimit import RateLimiter
 # 0.5 ms of CPU per small folder (benchmarks/bench_client_cost.py). Memory stays bounded by
 # concurrency × this, whatever the files' sizes; larger folders stream from disk.
 SMALL_FOLDER_BYTES = 256 * 1024
+
+# 409 (a request with the same Idempotency-Key still in flight) and 425 (too early) are worth
+# another try; 408 too, but as an ambiguous submit.
+TRANSIENT_4XX = frozenset({409, 425})
+MIN_UPLOAD_BYTES_PER_S = 1_000_000
 
 PRIORITY_POLL = 0
 PRIORITY_SUBMIT = 1
@@ -209,8 +216,11 @@ class CaseClient:
         headers = self._headers()
         if idem_key is not None:
             headers["Idempotency-Key"] = idem_key
+        # The whole exchange may take submit_timeout plus the upload at 1 MB/s at least, so a
+        # large folder on a modest link is not cut off (and retried) forever.
         timeout = aiohttp.ClientTimeout(
-            total=self._settings.submit_timeout, sock_connect=self._settings.connect_timeout
+            total=self._settings.submit_timeout + job.total_bytes / MIN_UPLOAD_BYTES_PER_S,
+            sock_connect=self._settings.connect_timeout,
         )
         handles = []
         try:
@@ -221,8 +231,8 @@ class CaseClient:
                     if contents is not None:
                         fh: Any = contents[i]
                     else:
-                        # Opening is quick; the reads happen in a worker thread inside aiohttp.
-                        fh = open(f.path, "rb")  # noqa: SIM115, ASYNC230 - closed in finally
+                        # The reads happen in a worker thread inside aiohttp.
+                        fh = _open_regular(f.path)
                         handles.append(fh)
                     # Content-Disposition is given up front: otherwise aiohttp derives one from
                     # fh.name, and a name that is not UTF-8 on disk makes it raise.
@@ -238,7 +248,8 @@ class CaseClient:
                 headers["Content-Type"] = mp.content_type
             try:
                 async with self._session.post(
-                    self._base + "/case", data=body, headers=headers, timeout=timeout
+                    self._base + "/case", data=body, headers=headers, timeout=timeout,
+                    allow_redirects=False,  # a redirect would carry the api-key header along
                 ) as resp:
                     status = resp.status
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -285,8 +296,14 @@ class CaseClient:
                 "Check --api-key / BULK_ENGINE_API_KEY and --base-url.",
                 http_status=status,
             )
+        _refuse_redirect(status)
         self._throttle_bookkeeping(status, retry_after)
-        if status == 429 or status >= 500:
+        if status == 408:
+            # The server gave up reading or answering: a run may or may not exist.
+            self.stats.ambiguous_submits += 1
+            raise AmbiguousSubmitError(f"POST /case answered 408: {_detail(body, text)}",
+                                       http_status=408, kind="timeout")
+        if status in TRANSIENT_4XX or status == 429 or status >= 500:
             raise TransientError(
                 f"POST /case answered {status}: {_detail(body, text)}",
                 http_status=status, retry_after=retry_after,
@@ -312,6 +329,7 @@ class CaseClient:
                 json={"retrieve_token": token},
                 headers=self._headers(),
                 timeout=timeout,
+                allow_redirects=False,  # a redirect would carry the api-key header along
             ) as resp:
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -330,6 +348,7 @@ class CaseClient:
         body = _json_or_none(text)
         if status in (401, 404, 500):
             return RetrieveAnswer(status, body, _detail(body, text))
+        _refuse_redirect(status)
         if status == 403:
             raise AuthError(
                 "the API says a retrieve token belongs to another key (HTTP 403): the journal "
@@ -422,7 +441,7 @@ async def _read_small_folder(job: Job) -> list[bytes] | None:
         out: list[bytes] = []
         left = SMALL_FOLDER_BYTES
         for f in job.files:
-            with open(f.path, "rb") as fh:
+            with _open_regular(f.path) as fh:
                 data = fh.read(left + 1)
             left -= len(data)
             if left < 0:
@@ -436,6 +455,32 @@ async def _read_small_folder(job: Job) -> list[bytes] | None:
         raise PermanentError(
             f"cannot read a file of the folder: {exc.strerror or exc}", kind="file_unreadable"
         ) from None
+
+
+def _open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open a listed file for reading without ever blocking on a FIFO or device.
+
+    Between listing and upload a file may have been swapped for a FIFO (opening one blocks until
+    a writer comes) or a symlink: open non-blocking, without following links (listed paths are
+    already resolved), and refuse anything that is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "no longer a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_redirect(status: int) -> None:
+    """A 3xx is a configuration problem; following it would send the key to another place."""
+    if 300 <= status < 400:
+        raise FatalRunError(
+            f"the API answered a redirect (HTTP {status}); redirects are not followed, so the "
+            "key is never sent elsewhere. Set --base-url to the API's final address."
+        )
 
 
 def _json_or_none(text: str) -> Any:

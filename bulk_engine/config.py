@@ -201,7 +201,8 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
         kind = {"int": "a whole number", "int | None": "a whole number", "float": "a number",
                 "bool": "true or false"}.get(typ, "a path" if "Path" in typ else
                                               "a list of names" if "tuple" in typ else "text")
-        raise ConfigError(f"setting {name}: expected {kind}, got {value!r}{where}") from None
+        shown = "a value that is not text (not shown)" if name == "api_key" else repr(value)
+        raise ConfigError(f"setting {name}: expected {kind}, got {shown}{where}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -65,6 +65,14 @@ EXIT_INTERRUPTED = 130
 
 # A token whose polls keep failing for transport reasons is given up after this long.
 MAX_TOKEN_AGE_S = 6 * 3600.0
+# New folders wait while the earliest due poll is this late (results expire in 60 minutes).
+MAX_POLL_LATENESS_S = 60.0
+# Row failures that count towards the mass-failure stop: the server's, and the API being
+# unreachable (an outage must stop the run, not turn the archive into failed lines).
+MASS_FAILURE_KINDS = frozenset({
+    "analysis_failed", "rejected", "server_error", "token_expired", "token_invalid",
+    "network", "timeout", "rate_limited", "ambiguous_submit", "malformed_response",
+})
 
 
 @dataclass(slots=True)
@@ -239,6 +247,7 @@ class Engine:
         job_recv.close()
         try:
             async with anyio.create_task_group() as tg:
+                self._tasks = tg  # resubmissions after a 404/401 run here
                 tg.start_soon(self.scheduler.run)
                 async with anyio.create_task_group() as feeders:
                     await self._resume_live_tokens(feeders)
@@ -287,12 +296,15 @@ class Engine:
 
     async def _route(self, item: Job | BadRow, send: MemoryObjectSendStream[Ticket]) -> None:
         """Send a job to the submitters, or a bad row straight to the writer."""
+        if item.key in self._resumed:
+            # Owned since startup by its resumed token (or that token's resubmission), which
+            # writes its line, even if the folder has since become a bad row. A key meets the
+            # producer once: free the memory.
+            self._resumed.discard(item.key)
+            return
         if isinstance(item, BadRow):
             await self._emit(Outcome.from_bad_row(item), api=False)
             return
-        if item.key in self._resumed:
-            self._resumed.discard(item.key)  # a key meets the producer once: free the memory
-            return  # owned since startup by its resumed token (or that token's resubmission)
         j = self._journal
         rec = j.get(item.key)
         if rec is not None and rec.state == "done":
@@ -300,6 +312,10 @@ class Engine:
             return
         if rec is not None and rec.state == "submitted":
             return  # its token is already in the scheduler (resumed at start)
+        # Polls first: while due polls run late (the rate is saturated), take no new folders,
+        # so every token is retrieved well inside the 60-minute result window.
+        while self.scheduler.lateness() > MAX_POLL_LATENESS_S:
+            await self.clock.sleep(1.0)
         attempts, dup = 1, False
         if rec is not None and rec.state == "submitting":
             # A crash mid-POST: the server may hold a run. Same generation → same idempotency
@@ -460,12 +476,21 @@ class Engine:
             log.info("resubmit", id=sub.job.id, reason=kind, attempt=sub.attempts + 1)
             self._journal.mark_pending(sub.job.key)
             self.counters.processing -= 1
-            await self._submit(Ticket(sub.job, sub.attempts + 1))
+            # The upload runs in its own task: a poll slot must not wait on an upload slot, or a
+            # storm of expired tokens would stall every other poll behind the re-uploads.
+            self.scheduler.hold()
+            self._tasks.start_soon(self._resubmit, Ticket(sub.job, sub.attempts + 1))
             return PollDecision.DROP
         await self._finish_sub(sub, "failed", error=ErrorInfo(
             kind, f"retrieve answered {answer.status} ({answer.message}) and the attempt budget "
             f"({self.settings.max_attempts}) is spent", answer.status))
         return PollDecision.DROP
+
+    async def _resubmit(self, ticket: Ticket) -> None:
+        try:
+            await self._submit(ticket)
+        finally:
+            self.scheduler.release()
 
     async def _finish_sub(self, sub: Submitted, status: str, *, result: Any = None,
                           error: ErrorInfo | None = None) -> None:
@@ -486,7 +511,10 @@ class Engine:
             path=str(job.path),
         )
         self._outstanding.release()
-        await self._emit(out, api=True)
+        # Shielded: a result in hand must reach the writer even on Ctrl-C (no hang: a dead
+        # writer has closed its stream, and the send raises).
+        with anyio.CancelScope(shield=True):
+            await self._emit(out, api=True)
 
     async def _emit(self, out: Outcome, *, api: bool) -> None:
         if out.status == "completed":
@@ -502,8 +530,8 @@ class Engine:
 
     def _check_mass_failure(self, out: Outcome) -> None:
         """Stop when most recent API rows failed server-side (state is saved; rerun resumes)."""
-        server_side = out.status == "failed" and out.error is not None and out.error.kind in (
-            "analysis_failed", "rejected", "server_error", "token_expired", "token_invalid")
+        server_side = (out.status == "failed" and out.error is not None
+                       and out.error.kind in MASS_FAILURE_KINDS)
         window = self._recent_api_outcomes
         window.append(server_side)
         s = self.settings

@@ -124,6 +124,8 @@ class RowRecord:
         values = dict(zip(_COLUMN_NAMES, row, strict=True))
         values["attempts"] = values["attempts"] or 0
         values["possible_duplicate"] = bool(values["possible_duplicate"])
+        if isinstance(values["path"], bytes):  # stored as the OS's bytes, see mark_submitting
+            values["path"] = os.fsdecode(values["path"])
         return cls(**values)
 
 
@@ -153,7 +155,7 @@ def settings_summary(settings: Settings, source: Path | str) -> str:
         "use_case": settings.use_case,
         "source": str(Path(source).expanduser().resolve()),
     }
-    return json.dumps(identity, sort_keys=True, ensure_ascii=False)
+    return json.dumps(identity, sort_keys=True)  # ASCII: a non-UTF-8 path must not break it
 
 
 def settings_fingerprint(settings: Settings, source: Path | str) -> str:
@@ -384,7 +386,8 @@ class Journal:
                     job.key,
                     job.id,
                     job.folder,
-                    str(job.path),
+                    # The path as the OS's bytes: a name that is not UTF-8 round-trips exactly.
+                    os.fsencode(job.path),
                     job.line,
                     SUBMITTING,
                     job.fingerprint,

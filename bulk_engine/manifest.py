@@ -441,6 +441,11 @@ def _parse_payload(value: str) -> dict[str, Any]:
     return obj
 
 
+def _as_text(name: str) -> str:
+    """A path from the OS as valid text for ids and output: undecodable bytes as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 class _Producer:
     """The shared tail of both producers: ids, duplicates, done rows, listing, counting."""
 
@@ -785,7 +790,7 @@ def iter_root(
             if os.path.abspath(where) == top:
                 raise ConfigError(f"--root {root} cannot be listed ({exc.strerror})")
             line += 1
-            row_id = PurePath(os.path.relpath(where, top)).as_posix()
+            row_id = _as_text(PurePath(os.path.relpath(where, top)).as_posix())
             dup, done = producer.claim(line, row_id)
             if done:
                 continue
@@ -816,7 +821,7 @@ def iter_root(
         if dirnames:
             continue
         line += 1
-        row_id = PurePath(os.path.relpath(dirpath, top)).as_posix()
+        row_id = _as_text(PurePath(os.path.relpath(dirpath, top)).as_posix())
         dup, done = producer.claim(line, row_id)
         if done:
             continue
@@ -832,7 +837,7 @@ def iter_root(
         yield producer.job(
             line,
             row_id,
-            dirpath,
+            _as_text(dirpath),
             Path(dirpath),
             use_case=defaults.use_case,
             analyse_type=defaults.analyse_type,

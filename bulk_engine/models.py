@@ -147,7 +147,10 @@ class Outcome:
 
     def to_line(self) -> bytes:
         text = json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":"))
-        return (text + "\n").encode("utf-8", "surrogateescape")
+        # Surrogates (an undecodable file name, a lone half of an emoji in a result) can only
+        # stand inside JSON strings, where "\udcff" written out is the JSON escape of the same
+        # character: the line stays valid JSON, readable UTF-8, and round-trips exactly.
+        return (text + "\n").encode("utf-8", "backslashreplace")
 
     @classmethod
     def from_bad_row(cls, row: BadRow) -> Outcome:

@@ -295,6 +295,7 @@ class PollScheduler:
         self._seq = count()
         self._wake = asyncio.Event()
         self._in_flight = 0
+        self._holds = 0
         self._closed = False
         self._started = False
         self._finished = False
@@ -340,6 +341,21 @@ class PollScheduler:
         self._closed = True
         self._wake.set()
 
+    def hold(self) -> None:
+        """Keep ``run()`` alive: a folder is being resubmitted and will be ``add()``-ed back."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """The resubmission announced by ``hold()`` is over (added back, or finished)."""
+        self._holds -= 1
+        self._wake.set()
+
+    def lateness(self) -> float:
+        """How far behind schedule the earliest due poll is (0 when on time)."""
+        if not self._heap:
+            return 0.0
+        return max(0.0, self._clock.now() - self._heap[0][0])
+
     async def run(self) -> None:
         """Poll until closed and empty. Re-raises the callback's exception if one escapes it."""
         if self._started:
@@ -358,7 +374,8 @@ class PollScheduler:
                         _, _, sub = heapq.heappop(self._heap)
                         self._in_flight += 1
                         tg.create_task(self._poll_one(sub))
-                    if self._closed and not self._heap and self._in_flight == 0:
+                    if (self._closed and not self._heap and self._in_flight == 0
+                            and self._holds == 0):
                         break
                     self._set_alarm(tg, now)
                     await self._wake.wait()

@@ -171,7 +171,7 @@ async def test_submit_bad_key_is_fatal(client: CaseClient, job: Job, mock: Any,
     assert_clean(ei.value)
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 415, 422])
+@pytest.mark.parametrize("status", [400, 404, 413, 415, 422])
 async def test_submit_other_4xx_is_permanent_with_the_server_message(
     client: CaseClient, job: Job, mock: Any, status: int
 ) -> None:
@@ -182,6 +182,27 @@ async def test_submit_other_4xx_is_permanent_with_the_server_message(
     assert (ei.value.kind, ei.value.http_status) == ("rejected", status)
     assert f"nope {status}" in ei.value.message
     assert_clean(ei.value)
+
+
+@pytest.mark.parametrize("status", [409, 425])
+async def test_submit_409_and_425_are_transient(
+    client: CaseClient, job: Job, mock: Any, status: int
+) -> None:
+    """409 (same Idempotency-Key still in flight) and 425 on POST /case are worth a retry."""
+    mock.post(CASE, status=status, payload={"detail": "busy"})
+    with pytest.raises(TransientError) as ei:
+        await submit(client, job)
+    assert ei.value.http_status == status
+    assert not isinstance(ei.value, AmbiguousSubmitError)
+
+
+async def test_submit_408_is_an_ambiguous_submit(client: CaseClient, job: Job, mock: Any) -> None:
+    """408 on POST /case: the server gave up mid-exchange, a run may exist: ambiguous, retried."""
+    mock.post(CASE, status=408, payload={"detail": "slow"})
+    with pytest.raises(AmbiguousSubmitError) as ei:
+        await submit(client, job)
+    assert ei.value.http_status == 408
+    assert client.stats.ambiguous_submits == 1
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])

@@ -1,0 +1,347 @@
+"""``python -m bulk_engine bench``: sweep concurrency × rate limit × processing time, recommend.
+
+For engineers choosing ``--concurrency`` and ``--rate-limit`` for their key. The emulator is
+started in a subprocess (``python -m bulk_engine.emulator``), configured like the key's limits
+(``--rate-limit`` calls/s, ``--max-parallel-analyses``), once per grid cell so that every cell
+starts from fresh server state. The engine runs in this process on a generated sample archive.
+For each cell the sweep records throughput (folders/s over the whole run), polls per folder,
+429 answers and the median row latency; it prints a table, saves a PNG plot (if matplotlib is
+installed) and recommends settings: at each processing time, the engine rate limit and the
+smallest concurrency whose throughput is within ``--tolerance`` (5 %) of the best cell.
+
+    python -m bulk_engine bench --rate-limit 20 --max-parallel-analyses 10 \\
+        --processing-time 1:4 --folders 100 --concurrency 1,2,4,8 --rates 10,15,20,25
+
+Poll settings follow the processing time unless given: ``--poll-min`` = MIN, ``--poll-max`` =
+MAX (the documented 10–30 s is for the real API's minutes-long analyses; the sweep scales time
+down so that it finishes in minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+BENCH_KEY = "bench-key-0123456789"
+_URL_RE = re.compile(r"listening on (http://\S+)")
+
+
+# ---- the emulator in a subprocess ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def emulator_process(
+    flags: Sequence[str], *, log_path: Path, api_key: str = BENCH_KEY, timeout: float = 30.0
+) -> Iterator[str]:
+    """Run ``python -m bulk_engine.emulator --port 0 FLAGS``; yield its base URL; SIGTERM it.
+
+    The key travels in the environment (not argv); the emulator's stderr goes to ``log_path``.
+    """
+    env = dict(os.environ, BULK_ENGINE_EMULATOR_API_KEYS=api_key)
+    cmd = [sys.executable, "-m", "bulk_engine.emulator", "--port", "0", *flags]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        found: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if m := _URL_RE.search(line):
+                    found.append(m.group(1))
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not found:
+            raise RuntimeError(f"the emulator did not start: {log_path.read_text()[-2000:]}")
+        yield found[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def emulator_stats(base_url: str) -> dict[str, Any]:
+    """``GET /_emulator/stats``."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/_emulator/stats", timeout=30) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+# ---- one cell -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One grid point and what it measured."""
+
+    processing: str
+    rate: float
+    concurrency: int
+    wall_s: float = 0.0
+    folders_per_s: float = 0.0
+    polls_per_folder: float = 0.0
+    throttled_429: int = 0
+    p50_latency_s: float = 0.0
+    completed: int = 0
+    folders: int = 0
+
+
+def _processing(text: str) -> tuple[float, float]:
+    low, _, high = text.partition(":")
+    pair = (float(low), float(high or low))
+    if not 0 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"need 0 <= MIN <= MAX, got {text!r}")
+    return pair
+
+
+def _poll_bounds(ns: argparse.Namespace, processing: str) -> tuple[float, float]:
+    low, high = _processing(processing)
+    poll_min = ns.poll_min if ns.poll_min is not None else max(0.05, low)
+    poll_max = ns.poll_max if ns.poll_max is not None else max(poll_min, high)
+    return poll_min, poll_max
+
+
+async def _run_engine(ns: argparse.Namespace, cell: Cell, base_url: str, manifest: Path,
+                      out: Path) -> tuple[float, Any]:
+    from bulk_engine.config import Settings
+    from bulk_engine.engine import Engine
+
+    poll_min, poll_max = _poll_bounds(ns, cell.processing)
+    settings = Settings(
+        base_url=base_url, api_key=BENCH_KEY, output=out, concurrency=cell.concurrency,
+        rate_limit=cell.rate, burst=ns.burst, poll_min=poll_min, poll_max=poll_max,
+        progress=False, seed=1, log_level="warning", max_failure_rate=1.0,
+        **({"max_outstanding": ns.max_outstanding} if ns.max_outstanding else {}),
+    )
+    t0 = time.perf_counter()
+    result = await Engine(settings, manifest).run()
+    return time.perf_counter() - t0, result
+
+
+def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path) -> Cell:
+    """Fresh emulator, one engine run, the cell's figures."""
+    low, high = _processing(cell.processing)
+    flags = ["--processing-time", f"{low:g}:{high:g}",
+             "--max-parallel-analyses", str(ns.max_parallel_analyses),
+             "--rate-limit", f"{ns.rate_limit:g}", "--burst", str(ns.server_burst),
+             "--seed", "1"]
+    out = work / f"cell-{cell.processing}-{cell.rate:g}-{cell.concurrency}.jsonl"
+    for stale in (out, Path(f"{out}.journal")):
+        stale.unlink(missing_ok=True)
+    with emulator_process(flags, log_path=work / "emulator.log") as url:
+        wall, result = asyncio.run(_run_engine(ns, cell, url, manifest, out))
+        stats = emulator_stats(url)
+    lat: list[float] = []
+    polls = 0
+    with out.open("rb") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            cell.folders += 1
+            cell.completed += rec["status"] == "completed"
+            polls += rec.get("polls") or 0
+            if rec.get("latency_s") is not None:
+                lat.append(float(rec["latency_s"]))
+    lat.sort()
+    cell.wall_s = round(wall, 2)
+    cell.folders_per_s = round(cell.folders / wall, 3) if wall > 0 else 0.0
+    cell.polls_per_folder = round(polls / max(cell.folders, 1), 3)
+    cell.throttled_429 = int(stats.get("rate_limited", 0))
+    cell.p50_latency_s = round(lat[len(lat) // 2], 2) if lat else 0.0
+    del result
+    return cell
+
+
+# ---- the sweep, its table, plot and recommendation ----------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bulk-engine bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--rate-limit", type=float, default=20.0,
+      help="your key's rate limit, calls/s over all endpoints (emulator; default 20)")
+    a("--max-parallel-analyses", type=int, default=10,
+      help="analyses running at once per key (emulator; default 10, as documented)")
+    a("--server-burst", type=int, default=10, help="the emulator's token bucket (default 10)")
+    a("--processing-time", default="1:4",
+      help="comma-separated MIN:MAX values, seconds per analysis (default 1:4)")
+    a("--folders", type=int, default=100, help="sample folders per cell (default 100)")
+    a("--concurrency", type=_ints, default=[1, 2, 4, 8],
+      help="comma-separated engine --concurrency values (default 1,2,4,8)")
+    a("--rates", type=_floats, default=None,
+      help="comma-separated engine --rate-limit values (default: 0.5, 0.75, 1 and 1.25 × the "
+           "key's rate)")
+    a("--burst", type=int, default=10, help="engine --burst (default 10)")
+    a("--max-outstanding", type=int, default=None,
+      help="engine --max-outstanding (default: the engine's default)")
+    a("--poll-min", type=float, default=None, help="engine --poll-min (default: MIN processing)")
+    a("--poll-max", type=float, default=None, help="engine --poll-max (default: MAX processing)")
+    a("--tolerance", type=float, default=0.05,
+      help="a setting is 'as good' within this fraction of the best throughput (0.05)")
+    a("--plot", type=Path, default=Path("bulk-engine-bench.png"), help="PNG path")
+    a("--no-plot", action="store_true", help="do not draw the plot")
+    a("--json", type=Path, help="also write every cell and the recommendation as JSON")
+    a("--dir", type=Path, help="working directory (default: a temporary one)")
+    return p
+
+
+def recommend(cells: list[Cell], key_rate: float, tolerance: float) -> list[dict[str, Any]]:
+    """Per processing time: the best throughput, then the cheapest settings within tolerance.
+
+    Cheapest = the lowest engine rate limit (most headroom under the key's limit, fewest 429s),
+    then the smallest concurrency, among cells whose throughput is within ``tolerance`` of the
+    best. Rates above the key's limit are never recommended.
+    """
+    out = []
+    for processing in dict.fromkeys(c.processing for c in cells):
+        group = [c for c in cells if c.processing == processing and c.completed == c.folders]
+        if not group:
+            continue
+        best = max(group, key=lambda c: c.folders_per_s)
+        good = [c for c in group if c.folders_per_s >= (1 - tolerance) * best.folders_per_s
+                and c.rate <= key_rate * (1 + 1e-9)]
+        pick = min(good, key=lambda c: (c.rate, c.concurrency)) if good else best
+        out.append({"processing_time": processing, "best_folders_per_s": best.folders_per_s,
+                    "best": {"rate": best.rate, "concurrency": best.concurrency},
+                    "recommended": {"rate": pick.rate, "concurrency": pick.concurrency,
+                                    "folders_per_s": pick.folders_per_s}})
+    return out
+
+
+def plot(cells: list[Cell], path: Path, key_rate: float) -> str:
+    """Throughput against concurrency, one line per rate, one panel per processing time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install 'bulk-engine[plot]')"
+    groups = list(dict.fromkeys(c.processing for c in cells))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, processing in zip(axes[0], groups, strict=True):
+        for rate in sorted({c.rate for c in cells}):
+            pts = sorted((c.concurrency, c.folders_per_s) for c in cells
+                         if c.processing == processing and c.rate == rate)
+            style = "-" if rate <= key_rate else ":"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                    label=f"--rate-limit {rate:g}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({c.concurrency for c in cells})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("--concurrency")
+        ax.set_ylabel("folders / s")
+        ax.set_title(f"processing {processing} s, key limit {key_rate:g}/s")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"plot saved to {path}"
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bulk_engine.logs import configure_logging
+    from bulk_engine.sample import make_sample_archive
+
+    ns = build_parser().parse_args(list(argv))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # a file or a pipe: keep the table's columns whole
+    configure_logging(level="error", fmt="console")
+    processings = [p.strip() for p in ns.processing_time.split(",") if p.strip()]
+    for p in processings:
+        _processing(p)
+    rates = ns.rates or [round(ns.rate_limit * f, 3) for f in (0.5, 0.75, 1.0, 1.25)]
+    grid = [Cell(p, r, c) for p in processings for r in rates for c in ns.concurrency]
+    console.print(
+        f"emulator: --rate-limit {ns.rate_limit:g} --burst {ns.server_burst} "
+        f"--max-parallel-analyses {ns.max_parallel_analyses}; {len(grid)} cells of "
+        f"{ns.folders} folders (processing {', '.join(processings)} s; engine rates "
+        f"{', '.join(f'{r:g}' for r in rates)}; concurrency "
+        f"{', '.join(map(str, ns.concurrency))})"
+    )
+    with contextlib.ExitStack() as stack:
+        work = ns.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        work.mkdir(parents=True, exist_ok=True)
+        manifest = make_sample_archive(work / "archive", ns.folders, seed=1)
+        for i, cell in enumerate(grid, 1):
+            run_cell(ns, cell, manifest, work)
+            console.print(
+                f"[{i}/{len(grid)}] processing {cell.processing} rate {cell.rate:g} "
+                f"concurrency {cell.concurrency}: {cell.folders_per_s:.2f} folders/s, "
+                f"{cell.polls_per_folder:.2f} polls/folder, {cell.throttled_429} × 429"
+            )
+    recs = recommend(grid, ns.rate_limit, ns.tolerance)
+    table = Table(title=f"bench: key limit {ns.rate_limit:g} calls/s, "
+                        f"{ns.max_parallel_analyses} parallel analyses, {ns.folders} folders")
+    for col in ("processing s", "rate", "concurrency", "wall s", "folders/s", "% of best",
+                "polls/folder", "429s", "p50 latency s", "done"):
+        table.add_column(col, justify="right")
+    best_by = {r["processing_time"]: r["best_folders_per_s"] for r in recs}
+    picked = {(r["processing_time"], r["recommended"]["rate"], r["recommended"]["concurrency"])
+              for r in recs}
+    for c in grid:
+        best = best_by.get(c.processing) or 0
+        mark = " ◀" if (c.processing, c.rate, c.concurrency) in picked else ""
+        table.add_row(c.processing, f"{c.rate:g}", str(c.concurrency), f"{c.wall_s:.1f}",
+                      f"{c.folders_per_s:.2f}{mark}",
+                      f"{100 * c.folders_per_s / best:.0f} %" if best else "—",
+                      f"{c.polls_per_folder:.2f}", str(c.throttled_429), f"{c.p50_latency_s:.2f}",
+                      f"{c.completed}/{c.folders}")
+    console.print(table)
+    if not ns.no_plot:
+        console.print(plot(grid, ns.plot, ns.rate_limit))
+    for r in recs:
+        rec = r["recommended"]
+        poll_min, poll_max = _poll_bounds(ns, r["processing_time"])
+        console.print(
+            f"processing {r['processing_time']} s: best {r['best_folders_per_s']:.2f} folders/s; "
+            f"recommended [bold]--concurrency {rec['concurrency']} --rate-limit "
+            f"{rec['rate']:g}[/] ({rec['folders_per_s']:.2f} folders/s, within "
+            f"{100 * ns.tolerance:g} % of the best; polls here used --poll-min {poll_min:g} "
+            f"--poll-max {poll_max:g})"
+        )
+    if ns.json is not None:
+        ns.json.write_text(json.dumps({"cells": [asdict(c) for c in grid],
+                                       "recommendations": recs}, indent=2) + "\n")
+        console.print(f"saved {ns.json}")
+    return 0 if all(c.completed == c.folders for c in grid) else 2
