@@ -1,0 +1,95 @@
+"""Smoke tests of the benchmarks: each runs at a tiny size and prints its figures.
+
+No timing assertions here (figures come from the benchmarks themselves, see
+``benchmarks/RESULTS.md``); these only prove that ``python -m bulk_engine bench`` and every
+``benchmarks/bench_*.py`` script start their emulator, run, and print what they promise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulk_engine.bench import Cell, recommend
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+FAST = ["--processing-time", "0:0.05"]
+
+
+def run(args: list[str], tmp_path: Path, timeout: float = 100) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+    )
+    # Exit 3 means "ran, printed, but a target was missed": at tiny sizes that is expected.
+    assert proc.returncode in (0, 3), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_recommend_picks_lowest_rate_then_smallest_concurrency_within_tolerance() -> None:
+    """Within 5 % of the best: lowest rate first, then smallest concurrency; never above the key."""
+    cells = [
+        Cell("1:2", 10, 1, folders_per_s=4.0), Cell("1:2", 10, 4, folders_per_s=4.9),
+        Cell("1:2", 20, 1, folders_per_s=4.8), Cell("1:2", 20, 4, folders_per_s=5.0),
+        Cell("1:2", 30, 1, folders_per_s=6.0),  # above the key's limit of 20: never picked
+    ]
+    for c in cells:
+        c.folders = c.completed = 10
+    (rec,) = recommend(cells, key_rate=20, tolerance=0.05)
+    assert rec["best"] == {"rate": 30, "concurrency": 1}
+    # Within 5 % of 6.0 at or below the key's rate: none, so the best cell is reported as is.
+    assert rec["recommended"]["rate"] == 30
+    (rec,) = recommend(cells[:4], key_rate=20, tolerance=0.05)
+    assert rec["recommended"] == {"rate": 10, "concurrency": 4, "folders_per_s": 4.9}
+
+
+def test_bench_command_prints_table_plot_and_recommendation(tmp_path: Path) -> None:
+    """`python -m bulk_engine bench` at a tiny grid: table, PNG (or a message), recommendation."""
+    out = run(["-m", "bulk_engine", "bench", "--rate-limit", "200", "--folders", "6",
+               "--concurrency", "1,2", "--rates", "200", *FAST, "--plot", "p.png",
+               "--json", "b.json"], tmp_path)
+    assert "folders/s" in out and "recommended" in out
+    assert (tmp_path / "p.png").exists() or "matplotlib is not installed" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["cells"]) == 2 and all(c["completed"] == 6 for c in data["cells"])
+
+
+def test_bench_ideal_prints_ratio_polls_and_429_share(tmp_path: Path) -> None:
+    out = run([str(BENCH / "bench_ideal.py"), "--folders", "12", "--rate-limit", "200", *FAST,
+               "--poll-min", "0.02", "--poll-max", "0.2", "--json", "i.json"], tmp_path)
+    assert "wall/ideal" in out and "polls/folder" in out and "429 share" in out
+    (r,) = json.loads((tmp_path / "i.json").read_text())["runs"]
+    assert r["completed"] == 12 and r["ratio_mean_L"] > 0
+
+
+def test_bench_vs_baselines_runs_all_three_clients(tmp_path: Path) -> None:
+    out = run([str(BENCH / "bench_vs_baselines.py"), "--folders", "6", "--sequential-folders",
+               "2", "--threads", "2", "--rate-limit", "200", *FAST, "--poll-interval", "0.05",
+               "--poll-min", "0.02", "--poll-max", "0.2", "--json", "v.json"], tmp_path)
+    for name in ("engine", "threadpool-2", "sequential", "extrapolated", "peak RSS"):
+        assert name in out
+    results = json.loads((tmp_path / "v.json").read_text())["results"]
+    assert [r["completed"] for r in results] == [6, 6, 2]
+
+
+def test_bench_client_cost_prints_cpu_and_loop_lag(tmp_path: Path) -> None:
+    out = run([str(BENCH / "bench_client_cost.py"), "--folders", "20", "--control-seconds", "0.2",
+              "--json", "c.json"],
+              tmp_path)
+    assert "CPU ms/folder" in out and "loop lag p50" in out
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["completed"] == 20 and data["cpu_ms_per_folder"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_bench_scale_prints_rss_for_rows_and_big_file(tmp_path: Path) -> None:
+    out = run([str(BENCH / "bench_scale.py"), "--rows", "20", "40", "--distinct-folders", "5",
+               "--file-mib", "4", "--json", "s.json"], tmp_path, timeout=170)
+    assert "peak RSS ratio" in out and "RSS growth" in out
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert [r["completed"] for r in data["rows"]] == [20, 40]
+    assert data["big_file"]["completed"] == 1
