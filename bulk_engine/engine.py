@@ -280,6 +280,7 @@ class Engine:
     async def _produce(self, send: MemoryObjectSendStream[Ticket]) -> None:
         """Stream rows from a worker thread (CSV parsing and folder listing block) in batches."""
         reader = self._journal.reader()
+        self._reader_known = reader.known
         rows = self._rows(reader)
         try:
             async with send:
@@ -306,7 +307,9 @@ class Engine:
             await self._emit(Outcome.from_bad_row(item), api=False)
             return
         j = self._journal
-        rec = j.get(item.key)
+        # The producer's reader saw every key the journal holds (not done): others are new.
+        rec = j.get(item.key) if item.key in self._reader_known else None
+        self._reader_known.discard(item.key)
         if rec is not None and rec.state == "done":
             self.counters.rows_skipped_done += 1
             return
@@ -545,7 +548,7 @@ class Engine:
 
     def _on_durable(self, outcomes: list[Outcome]) -> None:
         for out in outcomes:
-            self.summary.add(out.to_json())
+            self.summary.add(out.to_json(), (out.submitted_at, out.completed_at))
 
 
 def _log_retry(exc: ApiError) -> None:

@@ -581,9 +581,14 @@ class JournalReader:
         )
         self._conn.execute("PRAGMA temp_store=FILE")
         self._conn.execute("CREATE TEMP TABLE seen (key TEXT PRIMARY KEY)")
+        # Keys the journal holds in a state other than done (from earlier runs: at most the
+        # rows in flight when they stopped). Rows not in here are new: no need to look them up.
+        self.known: set[str] = set()
 
     def is_done(self, key: str) -> bool:
         row = self._conn.execute("SELECT state FROM rows WHERE key = ?", (key,)).fetchone()
+        if row is not None and row[0] != DONE:
+            self.known.add(key)
         return row is not None and row[0] == DONE
 
     def seen(self, key: str) -> bool:

@@ -120,8 +120,15 @@ class Outcome:
     total_bytes: int = 0
     possible_duplicate: bool = False
     path: str | None = None  # the folder as resolved on disk (absolute), when it was
+    _json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The output line as a dict; built once (the log, the writer and the summary share it)."""
+        if self._json is None:
+            self._json = self._build_json()
+        return self._json
+
+    def _build_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "folder": self.folder,

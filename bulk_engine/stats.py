@@ -112,8 +112,13 @@ class Summary:
     # Filled by the engine from the client and the run (absent when read from a file):
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, rec: dict[str, Any]) -> None:
-        """Account one output line (a parsed JSON object); odd values are ignored, not fatal."""
+    def add(self, rec: dict[str, Any],
+            times: tuple[float | None, float | None] | None = None) -> None:
+        """Account one output line (a parsed JSON object); odd values are ignored, not fatal.
+
+        ``times`` (submitted, completed as epoch seconds), when the caller has them, saves
+        parsing the line's ISO timestamps back.
+        """
         self.rows += 1
         status = str(rec.get("status"))
         self.by_status[status] += 1
@@ -139,7 +144,9 @@ class Summary:
         lat = rec.get("latency_s")
         if isinstance(lat, (int, float)) and not isinstance(lat, bool):
             self.latency.add(float(lat))
-        sub, comp = _ts(rec.get("submitted_at")), _ts(rec.get("completed_at"))
+        if times is None:
+            times = (_ts(rec.get("submitted_at")), _ts(rec.get("completed_at")))
+        sub, comp = times
         if sub is not None:
             self.first_submit = sub if self.first_submit is None else min(self.first_submit, sub)
         if comp is not None:
