@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate_limit=1e6, burst=1_000_000, poll_min=ns.poll_min, poll_max=ns.poll_max,
                 progress=False, seed=1, log_level="warning",
             )
-            emu_cpu0 = emu.rusage_cpu()
+            emu_cpu0 = emu.cpu_seconds()
             profiler = None
             if ns.pyinstrument:
                 from pyinstrument import Profiler
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = asyncio.run(coro)
             if profiler is not None:
                 profiler.stop()
-            emu_cpu = emu.rusage_cpu() - emu_cpu0
+            emu_cpu = emu.cpu_seconds() - emu_cpu0
             est = emu.stats()
         outs = read_output(out)
     lags, control = m["lags"], m["control"]

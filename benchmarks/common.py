@@ -20,49 +20,23 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bulk_engine.emulator.process import EmulatorProcess, emulator_process
+
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789"
-_URL_RE = re.compile(r"listening on (http://\S+)")
 
 
 # ---- the emulator, in its own process -----------------------------------------------------------
-
-
-@dataclass
-class EmulatorProcess:
-    """A running emulator subprocess: its URL, its flags, and a way to read its counters."""
-
-    proc: subprocess.Popen[str]
-    base_url: str
-    flags: list[str]
-    log_path: Path
-
-    def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.base_url + "/_emulator/stats", timeout=30) as resp:
-            return json.loads(resp.read())  # type: ignore[no-any-return]
-
-    def rusage_cpu(self) -> float:
-        """CPU seconds (user + system) the emulator process has used so far (from /proc)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return math.nan
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
 
 
 def emulator_flags(
@@ -92,45 +66,8 @@ def emulator_flags(
 @contextlib.contextmanager
 def emulator(flags: Sequence[str], *, workdir: Path) -> Iterator[EmulatorProcess]:
     """Start ``python -m bulk_engine.emulator --port 0 FLAGS`` and stop it (SIGTERM) on exit."""
-    log_path = workdir / "emulator.log"
-    env = dict(os.environ, BULK_ENGINE_EMULATOR_API_KEYS=API_KEY)
-    cmd = [sys.executable, "-m", "bulk_engine.emulator", "--port", "0", *flags]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
-        url = _read_url(proc, timeout=30.0)
-        if url is None:
-            raise RuntimeError(
-                f"the emulator did not start; its log {log_path}:\n{log_path.read_text()[-2000:]}"
-            )
-        yield EmulatorProcess(proc, url, list(flags), log_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _read_url(proc: subprocess.Popen[str], *, timeout: float) -> str | None:
-    found: list[str] = []
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = _URL_RE.search(line)
-            if m:
-                found.append(m.group(1))
-                return
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    t.join(timeout)
-    return found[0] if found else None
+    with emulator_process(flags, api_keys=API_KEY, log_path=workdir / "emulator.log") as emu:
+        yield emu
 
 
 # ---- clients as subprocesses, with their own rusage ---------------------------------------------

@@ -23,72 +23,16 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bulk_engine.emulator.process import emulator_process
+
 BENCH_KEY = "bench-key-0123456789"
-_URL_RE = re.compile(r"listening on (http://\S+)")
-
-
-# ---- the emulator in a subprocess ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def emulator_process(
-    flags: Sequence[str], *, log_path: Path, api_key: str = BENCH_KEY, timeout: float = 30.0
-) -> Iterator[str]:
-    """Run ``python -m bulk_engine.emulator --port 0 FLAGS``; yield its base URL; SIGTERM it.
-
-    The key travels in the environment (not argv); the emulator's stderr goes to ``log_path``.
-    """
-    env = dict(os.environ, BULK_ENGINE_EMULATOR_API_KEYS=api_key)
-    cmd = [sys.executable, "-m", "bulk_engine.emulator", "--port", "0", *flags]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
-        found: list[str] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if m := _URL_RE.search(line):
-                    found.append(m.group(1))
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not found:
-            raise RuntimeError(f"the emulator did not start: {log_path.read_text()[-2000:]}")
-        yield found[0]
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def emulator_stats(base_url: str) -> dict[str, Any]:
-    """``GET /_emulator/stats``."""
-    import urllib.request
-
-    with urllib.request.urlopen(base_url + "/_emulator/stats", timeout=30) as resp:
-        return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
 # ---- one cell -----------------------------------------------------------------------------------
@@ -152,9 +96,9 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path) -> 
     out = work / f"cell-{cell.processing}-{cell.rate:g}-{cell.concurrency}.jsonl"
     for stale in (out, Path(f"{out}.journal")):
         stale.unlink(missing_ok=True)
-    with emulator_process(flags, log_path=work / "emulator.log") as url:
-        wall, result = asyncio.run(_run_engine(ns, cell, url, manifest, out))
-        stats = emulator_stats(url)
+    with emulator_process(flags, api_keys=BENCH_KEY, log_path=work / "emulator.log") as emu:
+        wall, result = asyncio.run(_run_engine(ns, cell, emu.base_url, manifest, out))
+        stats = emu.stats()
     lat: list[float] = []
     polls = 0
     with out.open("rb") as fh:

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bulk_engine.emulator.process import EmulatorProcess
+from bulk_engine.emulator.process import emulator_process as _emulator_process
 
 from conftest import API_KEY
 
@@ -62,52 +62,12 @@ def _reap(proc: subprocess.Popen[Any], *, grace: float = 5.0) -> None:
 # ---------------------------------------------------------------------- the emulator
 
 
-@dataclass
-class EmulatorProcess:
-    """An emulator running in its own process."""
-
-    proc: subprocess.Popen[str]
-    base_url: str
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(self.base_url + path, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def stats(self) -> dict[str, Any]:
-        """``GET /_emulator/stats``."""
-        return self.get("/_emulator/stats")  # type: ignore[no-any-return]
-
-    def submissions(self) -> list[dict[str, Any]]:
-        """``GET /_emulator/submissions``: every submission that created a run."""
-        return self.get("/_emulator/submissions")["submissions"]  # type: ignore[no-any-return]
-
-
 @contextmanager
 def emulator_process(*args: str, start_timeout: float = 15.0) -> Iterator[EmulatorProcess]:
     """Run ``python -m bulk_engine.emulator --port 0 ARGS`` (key: conftest.API_KEY) until exit."""
-    cmd = [sys.executable, "-m", "bulk_engine.emulator", "--port", "0", *args]
-    env = child_env(BULK_ENGINE_EMULATOR_API_KEYS=API_KEY)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + start_timeout
-        line = ""
-        while not line:
-            left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                raise AssertionError(f"emulator did not start (exit {proc.poll()})")
-            ready, _, _ = select.select([proc.stdout], [], [], left)
-            if ready:
-                line = proc.stdout.readline()
-        marker = "listening on "
-        assert marker in line, line
-        url = line.split(marker, 1)[1].split()[0]
-        yield EmulatorProcess(proc, url)
-    finally:
-        _reap(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+    with _emulator_process(args, api_keys=API_KEY, env=child_env(),
+                           start_timeout=start_timeout) as emu:
+        yield emu
 
 
 # ---------------------------------------------------------------------- the engine
