@@ -246,22 +246,9 @@ class CaseClient:
             if contents is not None:
                 body = await mp.as_bytes()  # one write instead of one per part
                 headers["Content-Type"] = mp.content_type
-            try:
-                async with self._session.post(
-                    self._base + "/case", data=body, headers=headers, timeout=timeout,
-                    allow_redirects=False,  # a redirect would carry the api-key header along
-                ) as resp:
-                    status = resp.status
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    text = await resp.text(errors="replace")
-            except aiohttp.ClientConnectorCertificateError as exc:
-                raise self._tls_error(exc) from None
-            except aiohttp.ClientConnectorError as exc:
-                raise self._transport_error("connect", exc) from None
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                # The body may have reached the server: a run may exist. Ambiguous.
-                self.stats.ambiguous_submits += 1
-                raise self._transport_error("submit", exc, ambiguous=True) from None
+            status, retry_after, text = await self._exchange(
+                "/case", "submit", ambiguous=True, data=body, headers=headers, timeout=timeout
+            )
         except OSError as exc:
             raise PermanentError(
                 f"cannot read a file of the folder: {exc.strerror or exc}", kind="file_unreadable"
@@ -323,21 +310,10 @@ class CaseClient:
         timeout = aiohttp.ClientTimeout(
             total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
         )
-        try:
-            async with self._session.post(
-                self._base + "/case/retrieve",
-                json={"retrieve_token": token},
-                headers=self._headers(),
-                timeout=timeout,
-                allow_redirects=False,  # a redirect would carry the api-key header along
-            ) as resp:
-                status = resp.status
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                text = await resp.text(errors="replace")
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise self._tls_error(exc) from None
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._transport_error("retrieve", exc) from None
+        status, retry_after, text = await self._exchange(
+            "/case/retrieve", "retrieve", ambiguous=False,
+            json={"retrieve_token": token}, headers=self._headers(), timeout=timeout,
+        )
         body = _json_or_none(text)
         if status in (200, 202):
             if body is None:
@@ -364,6 +340,28 @@ class CaseClient:
             )
         raise PermanentError(f"retrieve answered {status}: {_detail(body, text)}",
                              http_status=status, kind="rejected")
+
+    async def _exchange(
+        self, path: str, what: str, *, ambiguous: bool, **kwargs: Any
+    ) -> tuple[int, float | None, str]:
+        """One POST: (status, Retry-After seconds, body text). aiohttp errors end here."""
+        assert self._session is not None, "use CaseClient as an async context manager"
+        try:
+            async with self._session.post(
+                self._base + path,
+                allow_redirects=False,  # a redirect would carry the api-key header along
+                **kwargs,
+            ) as resp:
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                return resp.status, retry_after, await resp.text(errors="replace")
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise self._tls_error(exc) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise self._transport_error("connect", exc) from None  # nothing reached the server
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if ambiguous:  # the body may have reached the server: a run may exist
+                self.stats.ambiguous_submits += 1
+            raise self._transport_error(what, exc, ambiguous=ambiguous) from None
 
     def _throttle_bookkeeping(self, status: int, retry_after: float | None) -> None:
         if status == 429:
