@@ -42,8 +42,13 @@ async def _demo(ns: argparse.Namespace, console: Console) -> int:
             max_failure_rate=0.9,
         )
         code = await run_engine(settings, manifest, console, total_rows=ns.folders)
-    meaning = {0: "all completed", 2: "some rows failed"}.get(code, "see above")
-    console.print(f"results: {settings.output}  (exit code {code}: {meaning})")
+    meaning = {
+        0: "every row completed",
+        2: "some rows failed: the demo's emulator fails 3 % of folders on purpose; a real run "
+           "would exit 2",
+    }.get(code, f"exit code {code}, see above")
+    console.print(f"results: {settings.output} ({meaning})")
+    console.print(f"next: python -m bulk_engine report {settings.output}")
     return code
 
 
