@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="resubmit rows whose outcome was failed (the output is rewritten without them)")
     a("--max-failure-rate", type=float,
       help="stop when this share of recent rows failed server-side (default 0.5)")
+    a("--failure-window", type=int,
+      help="how many recent API rows --max-failure-rate looks at (default 200)")
     a("--seed", type=int, help="seed for jitter (reproducible schedules)")
     a("--no-idempotency", dest="idempotency", action="store_false", default=None,
       help="do not send Idempotency-Key headers")
