@@ -89,6 +89,17 @@ def test_result_with_a_lone_surrogate_is_written_as_valid_json() -> None:
     assert json.loads(line)["result"] == out.result
 
 
+async def _serve(handler: Any) -> tuple[web.AppRunner, int]:
+    """A tiny server on a free port answering every path with ``handler``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 async def test_redirect_is_fatal_and_never_carries_the_key(tmp_path: Path) -> None:
     """A 3xx from the API stops the run (exit 1); the redirect target never sees the key."""
     seen_keys: list[str | None] = []
@@ -97,24 +108,12 @@ async def test_redirect_is_fatal_and_never_carries_the_key(tmp_path: Path) -> No
         seen_keys.append(request.headers.get("api-key"))
         return web.json_response({"retrieve_token": "gAAAAAfake"}, status=202)
 
-    other = web.Application()
-    other.router.add_route("*", "/{tail:.*}", elsewhere)
-    other_runner = web.AppRunner(other)
-    await other_runner.setup()
-    other_site = web.TCPSite(other_runner, "127.0.0.1", 0)
-    await other_site.start()
-    other_port = other_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    other_runner, other_port = await _serve(elsewhere)
 
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(f"http://127.0.0.1:{other_port}{request.path}")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(redirect)
     try:
         manifest = make_archive(tmp_path / "a", 3, seed=22)
         out = tmp_path / "out.jsonl"
