@@ -34,6 +34,7 @@ from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
     ApiError,
+    AuthError,
     BulkEngineError,
     ConfigError,
     ManifestError,
@@ -129,6 +130,8 @@ class Engine:
         self._interrupted = False
         self._fatal: BaseException | None = None
         self._final_counts: dict[str, int] = {}
+        # Rows whose POST /case went out and has no answer yet: key -> submission generation.
+        self._sending: dict[str, int] = {}
         # Rows whose journaled token this run took over at startup: the producer must not send
         # them again when it meets them, whatever state the journal shows by then (a 404 or a
         # changed folder moves them through pending/submitting while their task owns them).
@@ -238,7 +241,17 @@ class Engine:
                             if fatal is None:
                                 raise
                             self._fatal = fatal
+                            if isinstance(fatal, AuthError):
+                                self._forget_refused_submits()
         self._final_counts = self._journal.counts()
+
+    def _forget_refused_submits(self) -> None:
+        """The key was refused: uploads still in flight made no run (the API refuses every call
+        with that key), so their rows must not look like possible duplicates on the rerun."""
+        with self._journal.batch():
+            for key, attempts in self._sending.items():
+                self._journal.mark_pending(key, attempts=attempts - 1)
+        self._sending.clear()
 
     async def _inner(self) -> None:
         s = self.settings
@@ -411,6 +424,7 @@ class Engine:
             nonlocal journaled
             if not journaled:
                 self._journal.mark_submitting(job, ticket.attempts)
+                self._sending[job.key] = ticket.attempts
                 journaled = True
 
         try:
@@ -421,10 +435,12 @@ class Engine:
                     on_retry=_log_retry,
                 )
         except (PermanentError, TransientError) as exc:
+            self._sending.pop(job.key, None)
             await self._finish_job(job, ticket.attempts, 0, status="failed", error=ErrorInfo(
                 exc.kind, exc.message, exc.http_status), submitted_at=submitted_wall,
                 possible_duplicate=ticket.possible_duplicate)
             return
+        self._sending.pop(job.key, None)
         self.counters.submitted += 1
         self.counters.bytes_uploaded += job.total_bytes
         if answer.token is None:  # sync mode: the answer is the result

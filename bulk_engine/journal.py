@@ -408,12 +408,16 @@ class Journal:
             if cur.rowcount == 0:
                 raise KeyError(f"mark_submitted: no journal row for key {key!r}")
 
-    def mark_pending(self, key: str) -> None:
-        """Send the row back to be submitted again (e.g. token expired: 404); drops the token."""
+    def mark_pending(self, key: str, *, attempts: int | None = None) -> None:
+        """Send the row back to be submitted again (e.g. token expired: 404); drops the token.
+
+        ``attempts`` rewrites the count of submissions made (a refused one does not count).
+        """
         with self._tx() as c:
             c.execute(
-                "UPDATE rows SET state=?, token=NULL, updated_at=? WHERE key=?",
-                (PENDING, time.time(), key),
+                "UPDATE rows SET state=?, token=NULL, updated_at=?, "
+                "attempts=COALESCE(?, attempts) WHERE key=?",
+                (PENDING, time.time(), attempts, key),
             )
 
     def mark_possible_duplicate(self, key: str) -> None:

@@ -177,3 +177,22 @@ async def test_scheduler_reports_how_late_due_polls_are() -> None:
     assert sched.lateness() == 0.0
     clock._now = 75.0  # time passed without the scheduler running (saturated rate)
     assert sched.lateness() == 65.0
+
+
+async def test_refused_key_leaves_no_row_looking_like_a_possible_duplicate(
+    tmp_path: Path,
+) -> None:
+    """A 401 on POST /case is a definite refusal: the rerun with the right key flags nothing."""
+    manifest = make_archive(tmp_path / "a", 12, seed=23)
+    out = tmp_path / "out.jsonl"
+    async with run_emulator(EmulatorConfig(api_keys=("right-key",),
+                                           processing_time=(0.01, 0.02))) as emu:
+        refused = await Engine(engine_settings(emu.base_url, out), manifest).run()
+        assert refused.exit_code == 1
+        fixed = await Engine(engine_settings(emu.base_url, out, api_key="right-key"),
+                             manifest).run()
+    lines = read_lines(out)
+    assert fixed.exit_code == 0
+    assert len(lines) == 12
+    assert fixed.summary.to_json()["possible_duplicates"] == 0
+    assert all(r["possible_duplicate"] is False and r["attempts"] == 1 for r in lines)
