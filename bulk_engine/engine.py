@@ -55,7 +55,7 @@ from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, finge
 from bulk_engine.ratelimit import RateLimiter
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
 from bulk_engine.stats import LiveCounters, Summary, decision_of
-from bulk_engine.writer import ResultWriter, reconcile, repair_tail, rewrite_without_failed
+from bulk_engine.writer import ResultWriter, reconcile, rewrite_without_failed
 
 log = get_logger()
 
@@ -157,12 +157,12 @@ class Engine:
             assert source is not None
             journal.check_settings(settings_fingerprint(s, source),
                                    summary=settings_summary(s, source))
-            repaired = repair_tail(s.output)
-            if repaired:
-                log.warning("output_tail_repaired", bytes_removed=repaired, path=str(s.output))
             if journal.get_meta("rewrite_pending") == "1":
                 journal.finish_retry_failed(rewrite_without_failed(s.output, journal))
-            reconcile(s.output, journal)
+            report = reconcile(s.output, journal)  # cuts a torn tail first
+            if report.repaired_bytes:
+                log.warning("output_tail_repaired", bytes_removed=report.repaired_bytes,
+                            path=str(s.output))
             if s.retry_failed:
                 n = journal.begin_retry_failed()
                 # Nothing failed: keep the file as it is (no rewrite of a large output for
@@ -324,8 +324,7 @@ class Engine:
         rec = j.get(item.key) if item.key in self._reader_known else None
         self._reader_known.discard(item.key)
         if rec is not None and rec.state == "done":
-            self.counters.rows_skipped_done += 1
-            return
+            return  # the producer's reader skips (and counts) done rows; this is a safety net
         if rec is not None and rec.state == "submitted":
             return  # its token is already in the scheduler (resumed at start)
         # Polls first: while due polls run late (the rate is saturated), take no new folders,
