@@ -223,7 +223,6 @@ class Journal:
         mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         # Without WAL (some network filesystems), NORMAL is not crash-safe: pay for FULL.
         c.execute("PRAGMA synchronous=NORMAL" if mode == "wal" else "PRAGMA synchronous=FULL")
-        c.execute("PRAGMA temp_store=FILE")  # seen() must not grow memory with the manifest
         c.execute("BEGIN IMMEDIATE")
         try:
             for stmt in _SCHEMA.split(";"):
@@ -244,7 +243,6 @@ class Journal:
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        c.execute("CREATE TEMP TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY)")
 
     def close(self) -> None:
         """Close the connection (idempotent); every call outside a batch has already committed."""
@@ -507,16 +505,6 @@ class Journal:
             "the output and its journal; to resume, rerun with the original settings."
         )
 
-    # ------------------------------------------------------------------ duplicates
-
-    def seen(self, key: str) -> bool:
-        """True if ``key`` was already passed to seen() during this Journal session.
-
-        Backed by a TEMP table on disk, so memory stays bounded for millions of rows.
-        """
-        cur = self._conn.execute("INSERT OR IGNORE INTO temp.seen(key) VALUES (?)", (key,))
-        return cur.rowcount == 0
-
     # ------------------------------------------------------------------ --retry-failed
 
     def begin_retry_failed(self) -> int:
@@ -596,6 +584,10 @@ class JournalReader:
         return row is not None and row[0] == DONE
 
     def seen(self, key: str) -> bool:
+        """True if ``key`` was already passed to seen() on this reader (duplicate ids of a run).
+
+        Backed by a TEMP table on disk, so memory stays bounded for millions of rows.
+        """
         cur = self._conn.execute("INSERT OR IGNORE INTO temp.seen(key) VALUES (?)", (key,))
         return cur.rowcount == 0
 

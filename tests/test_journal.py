@@ -181,24 +181,29 @@ def test_nested_batches_join_the_outer_transaction(journal: Journal) -> None:
 
 
 def test_seen_reports_keys_already_seen_this_session(tmp_path: Path) -> None:
-    """seen() is False the first time, True after; it forgets on reopen (per run)."""
+    """seen() is False the first time, True after; a new reader forgets (per run)."""
     path = tmp_path / "j"
     with Journal.open(path) as j:
-        assert j.seen("a") is False
-        assert j.seen("b") is False
-        assert j.seen("a") is True
+        reader = j.reader()
+        assert reader.seen("a") is False
+        assert reader.seen("b") is False
+        assert reader.seen("a") is True
         with j.batch():
-            assert j.seen("c") is False
-            assert j.seen("c") is True
+            assert reader.seen("c") is False
+            assert reader.seen("c") is True
+        reader.close()
     with Journal.open(path) as j:
-        assert j.seen("a") is False
+        reader = j.reader()
+        assert reader.seen("a") is False
+        reader.close()
 
 
 def test_seen_scales_to_many_keys(journal: Journal) -> None:
     """seen() handles 50k distinct keys quickly and still finds the duplicates."""
-    with journal.batch():
-        assert not any(journal.seen(f"id-{i}") for i in range(50_000))
-    assert journal.seen("id-49999") and journal.seen("id-0")
+    reader = journal.reader()
+    assert not any(reader.seen(f"id-{i}") for i in range(50_000))
+    assert reader.seen("id-49999") and reader.seen("id-0")
+    reader.close()
 
 
 def test_check_settings_binds_the_journal_to_one_run(journal: Journal, tmp_path: Path) -> None:
