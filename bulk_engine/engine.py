@@ -123,7 +123,6 @@ class Engine:
         # Start at the steady rate, not with a burst: see RateLimiter's ``initial_tokens``.
         self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock,
                                    initial_tokens=1.0)
-        self.possible_duplicates = 0
         self.resubmits = 0
         self._recent_api_outcomes: deque[bool] = deque(maxlen=settings.failure_window)
         self._cancel_scope: anyio.CancelScope | None = None
@@ -183,7 +182,6 @@ class Engine:
             "rows_rejected": self.producer_stats.rows_rejected,
             "rows_skipped_done": self.counters.rows_skipped_done,
             "rows_resumed": self.counters.rows_resumed,
-            "possible_duplicates": self.possible_duplicates,
             "resubmits": self.resubmits,
             "api_calls": c.calls if c else 0,
             "submits": c.submits if c else 0,
@@ -363,7 +361,7 @@ class Engine:
                 # Never pair a changed folder with the result of its old content: resubmit.
                 log.info("folder_changed", id=job.id)
                 self._journal.mark_pending(rec.key)
-                tg.start_soon(self._submit, Ticket(job, rec.attempts + 1))
+                tg.start_soon(self._submit, Ticket(job, rec.attempts + 1, rec.possible_duplicate))
                 continue
             sub = Submitted(
                 job=job, token=rec.token or "", submitted_at=rec.submitted_at or time.time(),
@@ -411,8 +409,6 @@ class Engine:
         assert self.client is not None
         client = self.client
         structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
-        if ticket.possible_duplicate:
-            self.possible_duplicates += 1
         mode = self._mode_for(job)
         idem = idempotency_key(job.id, job.fingerprint, ticket.attempts) if s.idempotency else None
         submitted_wall = time.time()
@@ -497,7 +493,8 @@ class Engine:
             # The upload runs in its own task: a poll slot must not wait on an upload slot, or a
             # storm of expired tokens would stall every other poll behind the re-uploads.
             self.scheduler.hold()
-            self._tasks.start_soon(self._resubmit, Ticket(sub.job, sub.attempts + 1))
+            self._tasks.start_soon(
+                self._resubmit, Ticket(sub.job, sub.attempts + 1, sub.possible_duplicate))
             return PollDecision.DROP
         await self._finish_sub(sub, "failed", error=ErrorInfo(
             kind, f"retrieve answered {answer.status} ({answer.message}) and the attempt budget "
