@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bulk_engine.config import DEFAULT_BASE_URL, Settings, load_settings, unknown_env
-from bulk_engine.errors import BulkEngineError, ConfigError
+from bulk_engine.errors import BulkEngineError, ConfigError, first_error
 from bulk_engine.logs import Redactor, configure_logging, get_logger, redact
 
 EXAMPLES = """\
@@ -243,7 +243,8 @@ async def run_engine(settings: Settings, manifest: Path | None, console: Console
     except Exception as group:
         # The task group wraps what engine.run raised (ConfigError from the journal check,
         # OSError, or a bug) in an ExceptionGroup: take the error out of it.
-        exc = _unwrap(group)
+        exc = (first_error(group, (BulkEngineError, OSError))
+               or first_error(group, (BaseException,)) or group)
         if not isinstance(exc, (BulkEngineError, OSError)):
             # A bug: its traceback goes to the log (no frame locals, secrets redacted), never
             # raw to the terminal, where an exception's text could carry the key.
@@ -273,24 +274,6 @@ async def run_engine(settings: Settings, manifest: Path | None, console: Console
         console.print("interrupted: state saved; rerun the same command to resume")
         return 143 if signals_seen and signals_seen[0] == signal.SIGTERM else 130
     return result.exit_code
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The error inside (nested) exception groups: a BulkEngineError or OSError first."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(exc)
-    for leaf in leaves:
-        if isinstance(leaf, (BulkEngineError, OSError)):
-            return leaf
-    return leaves[0] if leaves else exc
 
 
 def report_main(argv: Sequence[str]) -> int:

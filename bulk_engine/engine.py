@@ -41,6 +41,7 @@ from bulk_engine.errors import (
     MassFailureError,
     PermanentError,
     TransientError,
+    first_error,
 )
 from bulk_engine.journal import (
     Journal,
@@ -235,7 +236,7 @@ class Engine:
                         try:
                             await self._inner()
                         except BaseException as exc:
-                            fatal = _first_engine_error(exc)
+                            fatal = first_error(exc, (BulkEngineError,))
                             if fatal is None:
                                 raise
                             self._fatal = fatal
@@ -570,18 +571,6 @@ def _log_retry(exc: ApiError) -> None:
 
 def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:
     return list(islice(rows, n))
-
-
-def _first_engine_error(exc: BaseException) -> BulkEngineError | None:
-    """The first fatal BulkEngineError inside a (nested) exception group, if any."""
-    if isinstance(exc, BulkEngineError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for sub in exc.exceptions:
-            found = _first_engine_error(sub)
-            if found is not None:
-                return found
-    return None
 
 
 __all__ = ["Engine", "RunResult"]

@@ -98,3 +98,16 @@ class PermanentError(ApiError):
     """A retry cannot help for this row (4xx on POST /case, retrieve 500)."""
 
     kind = "permanent"
+
+
+def first_error(
+    exc: BaseException, types: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of ``types`` in ``exc`` or, depth first, in its (nested) groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            found = first_error(sub, types)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, types) else None
