@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bulk_engine.errors import ConfigError
+from bulk_engine.progress import fmt_bytes
 from bulk_engine.stats import BIN_S, Summary
 
 # Rows whose line in the manifest is itself broken: a rerun needs the manifest fixed first.
@@ -36,12 +37,6 @@ NOT_RERUNNABLE = frozenset({"duplicate_id", "manifest_parse_error", "bad_row", "
                             "empty_folder", "bad_encoding"})
 # Rows whose own columns were bad: rerunnable only from the original row (--manifest).
 BAD_COLUMNS = frozenset({"bad_analyse_type", "bad_payload"})
-
-
-def _fmt_bytes(n: int) -> str:
-    from bulk_engine.progress import fmt_bytes
-
-    return fmt_bytes(n)
 
 
 def _counts(d: dict[str, int]) -> str:
@@ -91,9 +86,9 @@ def render_summary(
         t.add_row("retries", str(summary.get("retries", 0)))
     t.add_row("possible duplicates", str(summary.get("possible_duplicates", 0)))
     if summary.get("bytes_uploaded"):
-        t.add_row("uploaded", _fmt_bytes(int(summary["bytes_uploaded"])))
+        t.add_row("uploaded", fmt_bytes(int(summary["bytes_uploaded"])))
     elif summary.get("bytes"):
-        t.add_row("folder bytes", f"{_fmt_bytes(int(summary['bytes']))} in "
+        t.add_row("folder bytes", f"{fmt_bytes(int(summary['bytes']))} in "
                                   f"{summary.get('files', 0)} files")
     for key in ("rows_skipped_done", "rows_resumed", "rows_rejected", "resubmits",
                 "resubmitted_rows", "ambiguous_submits", "torn_lines"):
