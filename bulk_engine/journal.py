@@ -583,6 +583,11 @@ class JournalReader:
             self.known.add(key)
         return row is not None and row[0] == DONE
 
+    def state(self, key: str) -> str | None:
+        """The journaled state of ``key`` (a ``RowState`` value), or None if never seen."""
+        row = self._conn.execute("SELECT state FROM rows WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
     def seen(self, key: str) -> bool:
         """True if ``key`` was already passed to seen() on this reader (duplicate ids of a run).
 
