@@ -24,13 +24,14 @@ import os
 import random
 import ssl
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
 
-from bulk_engine.backoff import full_jitter, parse_retry_after
+from bulk_engine.answers import processing_problem, result_problem, snippet, token_problem
+from bulk_engine.backoff import RetryBudget, parse_retry_after
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
@@ -41,8 +42,12 @@ from bulk_engine.errors import (
     PermanentError,
     TransientError,
 )
+from bulk_engine.health import ApiHealth
+from bulk_engine.logs import Redactor, get_logger
 from bulk_engine.models import FileEntry, Job
 from bulk_engine.ratelimit import RateLimiter
+
+log = get_logger()
 
 # Folders up to this size are read in one worker-thread call and sent as one bytes body.
 # Streaming them costs two thread hops per file (read, close) and a socket write per part: about
@@ -54,6 +59,8 @@ SMALL_FOLDER_BYTES = 256 * 1024
 # another try; 408 too, but as an ambiguous submit.
 TRANSIENT_4XX = frozenset({409, 425})
 MIN_UPLOAD_BYTES_PER_S = 1_000_000
+# A sync call lasts the whole analysis: it gets this much more than submit_timeout.
+SYNC_ANALYSIS_ALLOWANCE_S = 300.0
 
 PRIORITY_POLL = 0
 PRIORITY_SUBMIT = 1
@@ -101,28 +108,74 @@ class ClientStats:
     bytes_uploaded: int = 0
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 def multipart_filename(name: str) -> str:
-    """The filename sent for a file: its on-disk name as UTF-8 text.
+    """The filename sent for a file: its on-disk name, percent-encoded where it must be.
 
-    A name that is not valid UTF-8 on disk (Linux gives it to us with surrogate escapes) has its
-    undecodable bytes replaced by U+FFFD; NFC and NFD names go out exactly as they are stored.
+    Deterministic and collision-free (two different names never give the same filename):
+    valid UTF-8 goes out as it is stored (NFC and NFD alike); each byte that is not valid UTF-8,
+    each control character (CR, LF, ...), ``"`` and ``\\`` is written ``%XX``; a ``%`` is written
+    ``%25`` when two hex digits follow it (so it cannot be read as an escape) and kept otherwise.
+    Decoding every ``%XX`` gives the name's bytes back.
     """
-    return os.fsencode(name).decode("utf-8", "replace")
+    text = os.fsencode(name).decode("utf-8", "surrogateescape")
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is not valid UTF-8
+            out.append(f"%{code - 0xDC00:02X}")
+        elif code < 0x20 or code == 0x7F or ch in '"\\':
+            out.append(f"%{code:02X}")
+        elif ch == "%" and text[i + 1:i + 2] in _HEX and text[i + 2:i + 3] in _HEX:
+            out.append("%25")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
-def idempotency_key(row_id: str, fingerprint: str, generation: int) -> str:
-    """Stable across retries and restarts of one submission; new for a deliberate resubmit."""
-    raw = f"{row_id}\x00{fingerprint}\x00{generation}".encode("utf-8", "surrogateescape")
+def key_fingerprint(api_key: str | None) -> str:
+    """A short one-way digest of the API key: tells keys apart, reveals nothing of one."""
+    raw = b"bulk-engine/key/v1\x00" + (api_key or "").encode("utf-8", "surrogateescape")
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def request_identity(job: Job, payload: dict[str, Any], key_fp: str) -> str:
+    """A digest of everything that decides the API's answer to one submission.
+
+    The row id, the payload exactly as sent (analyse_type, use_case, the row's own keys, the
+    mode), the folder's files (names, sizes, mtimes: ``Job.fingerprint``) and the key's
+    fingerprint. Two submissions share it only if the API must give them the same answer.
+    """
+    doc = json.dumps([job.id, payload, job.fingerprint, key_fp], sort_keys=True,
+                     ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(doc.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def submission_for(settings: Settings, job: Job, *, asynchronous: bool,
+                   key_fp: str | None = None) -> tuple[dict[str, Any], str]:
+    """The payload to send for ``job`` and its :func:`request_identity` (with the settings'
+    key, or the key whose fingerprint is ``key_fp``)."""
+    payload = build_payload(settings, job, asynchronous=asynchronous)
+    key_fp = key_fp if key_fp is not None else key_fingerprint(settings.api_key)
+    return payload, request_identity(job, payload, key_fp)
+
+
+def idempotency_key(identity: str, generation: int) -> str:
+    """Stable across retries and restarts of one submission of one request identity
+    (:func:`request_identity`); new for a deliberate resubmit (a new ``generation``) and for
+    any change of what is asked."""
+    raw = f"{identity}\x00{generation}".encode()
     return "be-" + hashlib.sha256(raw).hexdigest()[:40]
 
 
 def _content_disposition(name: str, filename: str | None = None) -> str:
-    def q(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-    value = f'form-data; name="{q(name)}"'
+    # Field names are ours (plain ASCII); filenames come through multipart_filename, which
+    # leaves no quote, backslash or line break in them.
+    value = f'form-data; name="{name}"'
     if filename is not None:
-        value += f'; filename="{q(filename)}"'
+        value += f'; filename="{filename}"'
     return value
 
 
@@ -157,6 +210,7 @@ class CaseClient:
         clock: Clock,
         rng: random.Random,
         max_connections: int = 100,
+        health: ApiHealth | None = None,
     ) -> None:
         self._settings = settings
         self._limiter = limiter
@@ -165,6 +219,8 @@ class CaseClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._base = settings.base_url.rstrip("/")
+        self._redactor = Redactor([settings.api_key or ""])
+        self.health = health if health is not None else ApiHealth(clock)
         self.stats = ClientStats()
 
     async def __aenter__(self) -> CaseClient:
@@ -193,12 +249,14 @@ class CaseClient:
         self,
         job: Job,
         *,
-        asynchronous: bool,
+        payload: dict[str, Any],
         idem_key: str | None,
         before_send: Callable[[], None] | None = None,
     ) -> SubmitAnswer:
         """One POST /case: stream the folder's files; translate the answer or raise ApiError.
 
+        ``payload`` is sent as is (``build_payload``); its ``asynchronous`` and ``analyse_type``
+        say which answer fits: a 202 with a token, or a 200 holding exactly the requested keys.
         ``before_send`` runs once the rate token is taken, right before the request goes out:
         the engine journals "submitting" there, so a crash while waiting for the rate limiter
         does not make a row look like a possible duplicate.
@@ -212,14 +270,15 @@ class CaseClient:
             before_send()
         self.stats.calls += 1
         self.stats.submits += 1
-        payload = build_payload(self._settings, job, asynchronous=asynchronous)
+        asynchronous = bool(payload.get("asynchronous"))
         headers = self._headers()
         if idem_key is not None:
             headers["Idempotency-Key"] = idem_key
         # The whole exchange may take submit_timeout plus the upload at 1 MB/s at least, so a
         # large folder on a modest link is not cut off (and retried) forever.
         timeout = aiohttp.ClientTimeout(
-            total=self._settings.submit_timeout + job.total_bytes / MIN_UPLOAD_BYTES_PER_S,
+            total=(self._settings.submit_timeout + job.total_bytes / MIN_UPLOAD_BYTES_PER_S
+                   + (0.0 if asynchronous else SYNC_ANALYSIS_ALLOWANCE_S)),
             sock_connect=self._settings.connect_timeout,
         )
         handles = []
@@ -257,22 +316,27 @@ class CaseClient:
             for fh in handles:
                 fh.close()
         self.stats.bytes_uploaded += job.total_bytes
-        return self._submit_answer(status, text, retry_after)
+        return self._submit_answer(status, text, retry_after, payload)
 
-    def _submit_answer(self, status: int, text: str, retry_after: float | None) -> SubmitAnswer:
+    def _submit_answer(self, status: int, text: str, retry_after: float | None,
+                       payload: dict[str, Any]) -> SubmitAnswer:
         body = _json_or_none(text)
+        asynchronous = bool(payload.get("asynchronous"))
         if status == 202:
-            token = body.get("retrieve_token") if isinstance(body, dict) else None
-            if not isinstance(token, str) or not token:
+            problem = (token_problem(body) if asynchronous
+                       else "a sync request was answered 202 (not documented)")
+            if problem is not None:
+                # The server accepted something: a run may exist, so this is ambiguous.
                 self.stats.ambiguous_submits += 1
-                raise AmbiguousSubmitError(
-                    "POST /case answered 202 without a readable retrieve_token",
-                    http_status=202, kind="malformed_response",
-                )
-            return SubmitAnswer(token=token)
+                raise AmbiguousSubmitError(self._malformed("POST /case", 202, problem, text),
+                                           http_status=202, kind="malformed_response")
+            return SubmitAnswer(token=str(body["retrieve_token"]))
         if status == 200:
-            if body is None:
-                raise TransientError("POST /case answered 200 with a body that is not JSON",
+            problem = (
+                "an asynchronous request was answered 200 instead of 202 with a retrieve_token"
+                if asynchronous else self._result_problem(body, text, payload["analyse_type"]))
+            if problem is not None:
+                raise TransientError(self._malformed("POST /case", 200, problem, text),
                                      http_status=200, kind="malformed_response")
             return SubmitAnswer(result=body)
         text = self._scrub(text)  # an error message may echo the key: keep it out of outputs
@@ -301,8 +365,12 @@ class CaseClient:
             http_status=status, kind="rejected",
         )
 
-    async def retrieve_once(self, token: str) -> RetrieveAnswer:
-        """One POST /case/retrieve. 200/202/401/404/500 are answers; the rest raise."""
+    async def retrieve_once(self, token: str, analyse_type: Sequence[str]) -> RetrieveAnswer:
+        """One POST /case/retrieve. 200/202/401/404/500 are answers; the rest raise.
+
+        A 200 must hold exactly the ``analyse_type`` keys the submission asked for, a 202 must
+        be an object: anything else is a ``malformed_response`` (retried, never a result).
+        """
         assert self._session is not None, "use CaseClient as an async context manager"
         await self._limiter.acquire(PRIORITY_POLL)
         self.stats.calls += 1
@@ -316,8 +384,10 @@ class CaseClient:
         )
         body = _json_or_none(text)
         if status in (200, 202):
-            if body is None:
-                raise TransientError(f"retrieve answered {status} with a body that is not JSON",
+            problem = (self._result_problem(body, text, analyse_type) if status == 200
+                       else processing_problem(body))
+            if problem is not None:
+                raise TransientError(self._malformed("retrieve", status, problem, text),
                                      http_status=status, kind="malformed_response")
             return RetrieveAnswer(status, body)
         text = self._scrub(text)  # an error message may echo the key: keep it out of outputs
@@ -370,11 +440,24 @@ class CaseClient:
         elif status == 503:
             self.stats.unavailable += 1
         if status in (429, 503) and retry_after is not None:
+            before = self._limiter.paused_until
             self._limiter.pause_for(retry_after)
+            if self._limiter.paused_until > before + 0.5:  # a new or longer pause: say so once
+                log.info("paused_by_server", http_status=status, seconds=round(retry_after, 1),
+                         hint="Retry-After: every call waits")
 
     def _scrub(self, text: str) -> str:
-        key = self._settings.api_key
-        return text.replace(key, "[REDACTED]") if key and key in text else text
+        """The key removed and retrieve tokens cut short: safe for messages and outputs."""
+        return self._redactor.redact_text(text)
+
+    def _result_problem(self, body: Any, text: str, analyse_type: Sequence[str]) -> str | None:
+        if body is None and text.strip() != "null":
+            return "the body is not JSON"
+        return result_problem(body, analyse_type)
+
+    def _malformed(self, what: str, status: int, problem: str, text: str) -> str:
+        return (f"{what} answered {status} with something that is not the documented answer: "
+                f"{problem}; body starts {snippet(self._scrub(text))}")
 
     def _tls_error(self, exc: aiohttp.ClientConnectorCertificateError) -> FatalRunError:
         # Fatal, not transient: every call would fail the same way, and retrying each row for
@@ -403,30 +486,46 @@ class CaseClient:
     # --- retries -------------------------------------------------------------------------------
 
     async def call_with_retries(
-        self, op: Callable[[], Awaitable[T]], *, on_retry: Callable[[ApiError], None] | None = None
+        self,
+        op: Callable[[], Awaitable[T]],
+        *,
+        endpoint: str,
+        on_retry: Callable[[ApiError], None] | None = None,
     ) -> T:
         """Run ``op`` again on TransientError with full-jitter backoff, up to max_retries times.
 
-        A ``Retry-After`` already paused the shared limiter for everyone; the backoff sleep here
-        only spreads this caller's next attempt.
+        Every outcome is reported to ``health`` for ``endpoint`` (``submit`` or ``retrieve``): a
+        429 or any documented answer is a success (the API answered), other transient errors are
+        failures. A ``Retry-After`` already paused the shared limiter for everyone; the backoff
+        sleep here only spreads this caller's next attempt. A timed-out call is logged at
+        warning: it already cost its whole timeout.
         """
-        attempt = 0
+        s = self._settings
+        budget = RetryBudget(s.max_retries, s.retry_base, s.retry_cap, self._rng)
         while True:
             try:
                 result = await op()
             except TransientError as exc:
-                if attempt >= self._settings.max_retries:
+                if exc.kind == "rate_limited":
+                    self.health.record_success(endpoint)
+                else:
+                    self.health.record_failure(endpoint, exc.kind)
+                delay = budget.next_delay()
+                if exc.kind == "timeout":
+                    log.warning("call_timed_out", endpoint=endpoint, attempt=budget.retries,
+                                retries_left=s.max_retries - budget.retries
+                                if delay is not None else 0)
+                if delay is None:
                     raise
                 if on_retry is not None:
                     on_retry(exc)
                 self.stats.retries += 1
-                delay = full_jitter(
-                    attempt, base=self._settings.retry_base, cap=self._settings.retry_cap,
-                    rng=self._rng,
-                )
-                attempt += 1
                 await self._clock.sleep(delay)
                 continue
+            except ApiError:
+                self.health.record_success(endpoint)  # a permanent answer is still an answer
+                raise
+            self.health.record_success(endpoint)
             self._limiter.on_success()
             return result
 

@@ -62,7 +62,7 @@ class Settings:
     retry_base: float = 0.5
     retry_cap: float = 30.0
     connect_timeout: float = 10.0
-    submit_timeout: float = 300.0
+    submit_timeout: float = 120.0
     poll_timeout: float = 60.0
     max_file_size: int = 100 * 1024 * 1024
     follow_symlinks: bool = False
@@ -72,6 +72,7 @@ class Settings:
     retry_failed: bool = False
     max_failure_rate: float = 0.5
     failure_window: int = 200
+    outage_after: float = 10.0
     fsync_every: int = 64
     fsync_interval: float = 0.25
     idempotency: bool = True
@@ -128,7 +129,7 @@ class Settings:
         need(self.retry_base <= self.retry_cap, ("retry_base", "retry_cap"),
              f"retry_cap ({self.retry_cap}) must not be below retry_base ({self.retry_base})")
         for name in ("connect_timeout", "submit_timeout", "poll_timeout", "fsync_interval",
-                     "status_interval"):
+                     "status_interval", "outage_after"):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, name,
                  f"{name} must be a positive number of seconds, got {value}")

@@ -15,10 +15,10 @@ commits it, so nothing decided is lost and nothing is written twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -29,20 +29,22 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from bulk_engine.client import CaseClient, idempotency_key
+from bulk_engine.client import CaseClient, idempotency_key, key_fingerprint, submission_for
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
 from bulk_engine.errors import (
+    AmbiguousSubmitError,
     ApiError,
+    ApiUnavailableError,
     AuthError,
     BulkEngineError,
     ConfigError,
     ManifestError,
-    MassFailureError,
     PermanentError,
     TransientError,
     first_error,
 )
+from bulk_engine.health import ApiHealth
 from bulk_engine.journal import (
     Journal,
     JournalReader,
@@ -51,30 +53,38 @@ from bulk_engine.journal import (
     settings_summary,
 )
 from bulk_engine.logs import get_logger, short_token
-from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root, list_folder
+from bulk_engine.manifest import (
+    ProducerStats,
+    RowDefaults,
+    check_manifest,
+    iter_manifest,
+    iter_root,
+    list_folder,
+)
 from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, fingerprint_files
+from bulk_engine.policy import (
+    MassFailureWindow,
+    ResumeAction,
+    RetrieveAction,
+    resume_action,
+    retrieve_decision,
+)
 from bulk_engine.ratelimit import RateLimiter
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
 from bulk_engine.stats import LiveCounters, Summary, decision_of
-from bulk_engine.writer import ResultWriter, reconcile, rewrite_without_failed
+from bulk_engine.vocab import NOT_FINAL_KINDS, ExitCode, RowState, Status
+from bulk_engine.writer import (
+    OutputLock,
+    ResultWriter,
+    file_tail_digest,
+    reconcile,
+    rewrite_without_failed,
+)
 
 log = get_logger()
 
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_SOME_FAILED = 2
-EXIT_INTERRUPTED = 130
-
-# A token whose polls keep failing for transport reasons is given up after this long.
-MAX_TOKEN_AGE_S = 6 * 3600.0
 # New folders wait while the earliest due poll is this late (results expire in 60 minutes).
 MAX_POLL_LATENESS_S = 60.0
-# Row failures that count towards the mass-failure stop: the server's, and the API being
-# unreachable (an outage must stop the run, not turn the archive into failed lines).
-MASS_FAILURE_KINDS = frozenset({
-    "analysis_failed", "rejected", "server_error", "token_expired", "token_invalid",
-    "network", "timeout", "rate_limited", "ambiguous_submit", "malformed_response",
-})
 
 
 @dataclass(slots=True)
@@ -125,7 +135,11 @@ class Engine:
         self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock,
                                    initial_tokens=1.0)
         self.resubmits = 0
-        self._recent_api_outcomes: deque[bool] = deque(maxlen=settings.failure_window)
+        self.rows_redone = 0  # done rows whose line was gone from the output at startup
+        self.rows_dropped = 0  # journaled rows that left the manifest
+        self.health = ApiHealth(self.clock, outage_after=settings.outage_after)
+        self._key_fp = key_fingerprint(settings.api_key)
+        self._mass_failure = MassFailureWindow(settings.failure_window, settings.max_failure_rate)
         self._cancel_scope: anyio.CancelScope | None = None
         self._interrupted = False
         self._fatal: BaseException | None = None
@@ -150,31 +164,52 @@ class Engine:
 
     async def run(self) -> RunResult:
         s = self.settings
+        source = self.manifest if self.manifest is not None else s.root
+        assert source is not None
+        # An unusable source stops the run before any state is created for it.
+        if self.manifest is not None:
+            check_manifest(self.manifest)
+        elif not source.is_dir():
+            raise ConfigError(f"--root {source} is not a directory; give the archive's top folder")
+        if s.output.is_dir():
+            raise ConfigError(f"--output {s.output} is a directory; give a file path")
         s.output.parent.mkdir(parents=True, exist_ok=True)
-        journal = Journal.open(s.journal_path)
-        try:
-            source = self.manifest if self.manifest is not None else s.root
-            assert source is not None
-            journal.check_settings(settings_fingerprint(s, source),
-                                   summary=settings_summary(s, source))
-            if journal.get_meta("rewrite_pending") == "1":
-                journal.finish_retry_failed(rewrite_without_failed(s.output, journal))
-            report = reconcile(s.output, journal)  # cuts a torn tail first
-            if report.repaired_bytes:
-                log.warning("output_tail_repaired", bytes_removed=report.repaired_bytes,
-                            path=str(s.output))
-            if s.retry_failed:
-                n = journal.begin_retry_failed()
-                # Nothing failed: keep the file as it is (no rewrite of a large output for
-                # nothing); reconcile just set the offset to its size.
-                journal.finish_retry_failed(
-                    rewrite_without_failed(s.output, journal) if n else journal.output_offset)
-                log.info("retry_failed", rows=n)
-            self._journal = journal
-            await self._run_pipeline()
-        finally:
-            journal.close()
+        with OutputLock(s.output):
+            journal = Journal.open(s.journal_path)
+            try:
+                journal.check_settings(settings_fingerprint(s, source),
+                                       summary=settings_summary(s, source))
+                self._startup(journal)
+                self._journal = journal
+                await self._run_pipeline()
+            finally:
+                journal.close()
         return self._result()
+
+    def _startup(self, journal: Journal) -> None:
+        """Make journal and output agree, and send back the failed rows this run retries."""
+        s = self.settings
+        if journal.rewrite_pending:  # a --retry-failed rewrite cut short by a crash
+            self._rewrite_output(journal)
+        report = reconcile(s.output, journal)  # cuts a torn tail first
+        self.rows_redone = report.rows_redone
+        if report.repaired_bytes:
+            log.warning("output_tail_repaired", bytes_removed=report.repaired_bytes,
+                        path=str(s.output))
+        # A plain rerun retries rows that failed for transport reasons (an outage is not the
+        # row's fault); --retry-failed retries every failed row.
+        kinds = None if s.retry_failed else NOT_FINAL_KINDS
+        n = journal.begin_retry_failed(kinds)
+        if n:
+            self._rewrite_output(journal)
+        if n or s.retry_failed:
+            log.info("retry_failed", rows=n,
+                     kinds="all" if kinds is None else ",".join(sorted(kinds)))
+
+    def _rewrite_output(self, journal: Journal) -> None:
+        out = self.settings.output
+        size = rewrite_without_failed(out, journal)
+        journal.finish_retry_failed(size, tail=file_tail_digest(out, size))
 
     def _result(self) -> RunResult:
         c = self.client.stats if self.client else None
@@ -183,6 +218,8 @@ class Engine:
             "rows_rejected": self.producer_stats.rows_rejected,
             "rows_skipped_done": self.counters.rows_skipped_done,
             "rows_resumed": self.counters.rows_resumed,
+            "rows_redone": self.rows_redone,
+            "rows_dropped": self.rows_dropped,
             "resubmits": self.resubmits,
             "api_calls": c.calls if c else 0,
             "submits": c.submits if c else 0,
@@ -194,18 +231,18 @@ class Engine:
             "bytes_uploaded": c.bytes_uploaded if c else 0,
             "final_rate_limit": round(self.limiter.current_rate, 3),
             # The whole output so far, earlier runs included (from the journal):
-            "total_completed": self._final_counts.get("completed", 0),
-            "total_failed": self._final_counts.get("failed", 0),
+            "total_completed": self._final_counts.get(Status.COMPLETED, 0),
+            "total_failed": self._final_counts.get(Status.FAILED, 0),
         })
         if self._fatal is not None:
-            code = EXIT_FATAL
+            code = ExitCode.FATAL
         elif self._interrupted:
-            code = EXIT_INTERRUPTED
-        elif self._final_counts.get("failed", 0):
+            code = ExitCode.INTERRUPTED
+        elif self._final_counts.get(Status.FAILED, 0):
             # Counted from the journal, so a rerun of a finished run exits as the run did.
-            code = EXIT_SOME_FAILED
+            code = ExitCode.SOME_FAILED
         else:
-            code = EXIT_OK
+            code = ExitCode.OK
         return RunResult(code, self.summary, self._fatal, self._interrupted, self.counters)
 
     async def _run_pipeline(self) -> None:
@@ -223,7 +260,7 @@ class Engine:
         polls = 64
         async with CaseClient(
             s, limiter=self.limiter, clock=self.clock, rng=self.rng,
-            max_connections=s.concurrency + polls + 4,
+            max_connections=s.concurrency + polls + 4, health=self.health,
         ) as client:
             self.client = client
             async with anyio.create_task_group() as outer:
@@ -276,13 +313,14 @@ class Engine:
 
     # --- producer --------------------------------------------------------------------------------
 
-    def _rows(self, reader: JournalReader) -> Iterator[Job | BadRow]:
+    def _rows(self, reader: JournalReader, *, is_done: Any, stats: ProducerStats,
+              list_folders: bool = True) -> Iterator[Job | BadRow]:
         """The row stream. Done rows are skipped, and duplicate ids flagged, before listing."""
         s = self.settings
         defaults = RowDefaults(use_case=s.use_case, analyse_type=s.analyse_type, payload={})
         common: dict[str, Any] = dict(
             defaults=defaults, max_file_size=s.max_file_size, follow_symlinks=s.follow_symlinks,
-            stats=self.producer_stats, seen=reader.seen, is_done=reader.is_done,
+            stats=stats, seen=reader.seen, is_done=is_done, list_folders=list_folders,
         )
         if s.root is not None and self.manifest is None:
             return iter_root(s.root, **common)
@@ -293,7 +331,14 @@ class Engine:
         """Stream rows from a worker thread (CSV parsing and folder listing block) in batches."""
         reader = self._journal.reader()
         self._reader_known = reader.known
-        rows = self._rows(reader)
+        resumed = self._resumed
+
+        def is_done(key: str) -> bool:
+            # Rows this run took over at startup are not "done by an earlier run", even once
+            # finished: they are passed through (and skipped in _route), not counted as skipped.
+            return key not in resumed and reader.is_done(key)
+
+        rows = self._rows(reader, is_done=is_done, stats=self.producer_stats)
         try:
             async with send:
                 while True:
@@ -322,70 +367,115 @@ class Engine:
         # The producer's reader saw every key the journal holds (not done): others are new.
         rec = j.get(item.key) if item.key in self._reader_known else None
         self._reader_known.discard(item.key)
-        if rec is not None and rec.state == "done":
+        if rec is not None and rec.state == RowState.DONE:
             return  # the producer's reader skips (and counts) done rows; this is a safety net
-        if rec is not None and rec.state == "submitted":
+        if rec is not None and rec.state == RowState.SUBMITTED:
             return  # its token is already in the scheduler (resumed at start)
         # Polls first: while due polls run late (the rate is saturated), take no new folders,
         # so every token is retrieved well inside the 60-minute result window.
         while self.scheduler.lateness() > MAX_POLL_LATENESS_S:
             await self.clock.sleep(1.0)
         attempts, dup = 1, False
-        if rec is not None and rec.state == "submitting":
+        if rec is not None and rec.state == RowState.SUBMITTING:
             # A crash mid-POST: the server may hold a run. Same generation → same idempotency
-            # key, so a server that honours it replays the run instead of starting another.
+            # key (if the request is the same), so a server that honours it replays the run.
             attempts, dup = max(rec.attempts, 1), True
-        elif rec is not None and rec.state == "pending" and rec.attempts:
+        elif rec is not None and rec.state == RowState.PENDING and rec.attempts:
             attempts = rec.attempts + 1
         await self._outstanding.acquire()
         await send.send(Ticket(item, attempts, dup))
 
     async def _resume_live_tokens(self, tg: anyio.abc.TaskGroup) -> None:
-        """Tokens journaled by an earlier run are polled, never resubmitted (unless changed).
+        """Tokens journaled by an earlier run are polled, never resubmitted — if their row is
+        still the same request.
 
-        The producer skips these rows when it meets them (their state is ``submitted``).
+        The manifest is read once (no folder listed) to find each token's row as it is now: a
+        row that left the manifest is dropped with a warning (no line), a row that became bad
+        gets its failed line, a row whose folder, options or files changed is resubmitted under
+        a new key (``policy.resume_action``). The producer skips these rows when it meets them.
         """
-        for rec in self._journal.live_tokens():
+        records = self._journal.live_tokens()
+        if not records:
+            return
+        wanted = {r.key: r for r in records}
+        found = await anyio.to_thread.run_sync(self._find_rows, set(wanted))
+        for key, rec in wanted.items():
+            item = found.get(key)
+            job: Job | None = None
+            bad: ErrorInfo | None = None
+            if isinstance(item, BadRow):
+                bad = ErrorInfo(item.kind, item.message)
+            elif item is not None:
+                try:
+                    job = await anyio.to_thread.run_sync(self._listed, item)
+                except ManifestError as exc:
+                    bad = ErrorInfo(exc.kind, exc.message)
+            # Compared under the key the token was issued to: a token of another key is polled,
+            # and the API's 403 stops the run (the journal belongs to another key).
+            identity = (self._submission(job, asynchronous=True, key_fp=rec.key_fp)[1]
+                        if job is not None else None)
+            action = resume_action(
+                in_manifest=item is not None, bad_row=bad is not None,
+                journaled_identity=rec.request_fp or _legacy_identity(rec, job, identity),
+                current_identity=identity)
+            if action is ResumeAction.DROP:
+                self.rows_dropped += 1
+                log.warning("row_left_manifest", id=rec.id, line=rec.line,
+                            hint="its journaled token is dropped: no line for a row that is no "
+                                 "longer in the manifest")
+                self._journal.forget(key)
+                continue
             self.counters.rows_resumed += 1
-            self._resumed.add(rec.key)
-            try:
-                job = await anyio.to_thread.run_sync(self._job_from_record, rec)
-            except ManifestError as exc:
+            self._resumed.add(key)
+            if action is ResumeAction.FAIL:
+                assert bad is not None
                 await self._emit(Outcome(
-                    key=rec.key, line=rec.line or 0, id=rec.id or "", folder=rec.folder or "",
-                    status="failed", error=ErrorInfo(exc.kind, exc.message),
-                    completed_at=time.time(), attempts=rec.attempts,
+                    key=key, line=rec.line or 0, id=rec.id or "", folder=rec.folder or "",
+                    status=Status.FAILED, error=bad, completed_at=time.time(),
+                    attempts=rec.attempts,
                 ), api=False)
                 continue
+            assert job is not None
             await self._outstanding.acquire()
-            if job.fingerprint != rec.fingerprint:
-                # Never pair a changed folder with the result of its old content: resubmit.
-                log.info("folder_changed", id=job.id)
-                self._journal.mark_pending(rec.key)
+            if action is ResumeAction.RESUBMIT:
+                # Never pair a changed row with the result of its old request: resubmit.
+                log.info("row_changed", id=job.id,
+                         hint="its folder, options or files changed since it was submitted: "
+                              "resubmitted under a new key")
+                self._journal.mark_pending(key)
                 tg.start_soon(self._submit, Ticket(job, rec.attempts + 1, rec.possible_duplicate))
                 continue
             sub = Submitted(
                 job=job, token=rec.token or "", submitted_at=rec.submitted_at or time.time(),
                 submitted_mono=self.clock.now(), attempts=rec.attempts, run_id=rec.run_id,
                 resumed=True, possible_duplicate=rec.possible_duplicate,
+                analyse_type=_sent_types(self._submission(job, asynchronous=True)[0]),
             )
             self.counters.processing += 1
             self.scheduler.add(sub, delay=0.0)
 
-    def _job_from_record(self, rec: RowRecord) -> Job:
-        """Rebuild a journaled row's Job by listing its folder again (raises ManifestError)."""
+    def _find_rows(self, keys: set[str]) -> dict[str, Job | BadRow]:
+        """The manifest's rows for ``keys`` as they are now (folders not listed)."""
+        reader = self._journal.reader()
+        found: dict[str, Job | BadRow] = {}
+        try:
+            rows = self._rows(reader, is_done=lambda key: key not in keys, stats=ProducerStats(),
+                              list_folders=False)
+            for item in rows:
+                if item.key in keys:
+                    found[item.key] = item
+                    if len(found) == len(keys):
+                        break
+        finally:
+            reader.close()
+        return found
+
+    def _listed(self, job: Job) -> Job:
+        """``job`` with its folder listed now (raises ManifestError)."""
         s = self.settings
-        if rec.path is None or rec.id is None:
-            raise ManifestError("journal_incomplete", "the journal lost this row's folder path")
-        files = list_folder(Path(rec.path), max_file_size=s.max_file_size,
+        files = list_folder(job.path, max_file_size=s.max_file_size,
                             follow_symlinks=s.follow_symlinks)
-        extra = json.loads(rec.extra) if rec.extra else {}
-        return Job(
-            line=rec.line or 0, id=rec.id, folder=rec.folder or rec.path, path=Path(rec.path),
-            files=files, use_case=extra.get("use_case"),
-            analyse_type=tuple(extra["analyse_type"]) if extra.get("analyse_type") else None,
-            payload=extra.get("payload") or {}, fingerprint=fingerprint_files(files),
-        )
+        return dataclasses.replace(job, files=files, fingerprint=fingerprint_files(files))
 
     # --- submitters ------------------------------------------------------------------------------
 
@@ -404,43 +494,61 @@ class Engine:
                  and len(job.files) <= s.auto_sync_max_files)
         return "sync" if single_stage and small else "async"
 
+    def _submission(self, job: Job, *, asynchronous: bool, key_fp: str | None = None
+                    ) -> tuple[dict[str, Any], str]:
+        """The payload to send for ``job`` and its request identity (keys the submission)."""
+        return submission_for(self.settings, job, asynchronous=asynchronous,
+                              key_fp=key_fp or self._key_fp)
+
     async def _submit(self, ticket: Ticket) -> None:
         """Upload one folder (with retries) and hand its token to the scheduler."""
         job, s = ticket.job, self.settings
         assert self.client is not None
         client = self.client
         structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
-        mode = self._mode_for(job)
-        idem = idempotency_key(job.id, job.fingerprint, ticket.attempts) if s.idempotency else None
+        payload, identity = self._submission(job, asynchronous=self._mode_for(job) == "async")
+        idem = idempotency_key(identity, ticket.attempts) if s.idempotency else None
         submitted_wall = time.time()
         journaled = False
+        maybe_sent = False  # an earlier attempt's body may have reached the server
 
         def before_send() -> None:
             # Journal intent once, when the first request of this submission really goes out.
             nonlocal journaled
             if not journaled:
-                self._journal.mark_submitting(job, ticket.attempts)
+                self._journal.mark_submitting(job, ticket.attempts, identity, self._key_fp)
                 self._sending[job.key] = ticket.attempts
                 journaled = True
 
+        def on_retry(exc: ApiError) -> None:
+            nonlocal maybe_sent
+            maybe_sent = maybe_sent or isinstance(exc, AmbiguousSubmitError)
+            _log_retry(exc)
+
         try:
-            async with self._uploads:
+            async with self._uploads, client.health.admit():
                 answer = await client.call_with_retries(
-                    lambda: client.submit_once(job, asynchronous=mode == "async", idem_key=idem,
+                    lambda: client.submit_once(job, payload=payload, idem_key=idem,
                                                before_send=before_send),
-                    on_retry=_log_retry,
+                    endpoint="submit", on_retry=on_retry,
                 )
         except (PermanentError, TransientError) as exc:
             self._sending.pop(job.key, None)
-            await self._finish_job(job, ticket.attempts, 0, status="failed", error=ErrorInfo(
-                exc.kind, exc.message, exc.http_status), submitted_at=submitted_wall,
-                possible_duplicate=ticket.possible_duplicate)
+            if isinstance(exc, TransientError) and not client.health.healthy:
+                if journaled and not (maybe_sent or isinstance(exc, AmbiguousSubmitError)):
+                    # Nothing of this submission reached the server: not a possible duplicate.
+                    self._journal.mark_pending(job.key, attempts=ticket.attempts - 1)
+                raise self._outage() from None
+            await self._finish_job(job, ticket.attempts, 0, status=Status.FAILED,
+                                   error=ErrorInfo(exc.kind, exc.message, exc.http_status),
+                                   submitted_at=submitted_wall,
+                                   possible_duplicate=ticket.possible_duplicate)
             return
         self._sending.pop(job.key, None)
         self.counters.submitted += 1
         self.counters.bytes_uploaded += job.total_bytes
         if answer.token is None:  # sync mode: the answer is the result
-            await self._finish_job(job, ticket.attempts, 0, status="completed",
+            await self._finish_job(job, ticket.attempts, 0, status=Status.COMPLETED,
                                    result=answer.result, submitted_at=submitted_wall,
                                    possible_duplicate=ticket.possible_duplicate)
             return
@@ -450,8 +558,16 @@ class Engine:
         self.scheduler.add(Submitted(
             job=job, token=answer.token, submitted_at=submitted_wall,
             submitted_mono=self.clock.now(), attempts=ticket.attempts,
-            possible_duplicate=ticket.possible_duplicate,
+            possible_duplicate=ticket.possible_duplicate, analyse_type=_sent_types(payload),
         ))
+
+    def _outage(self) -> ApiUnavailableError:
+        st = self.health.statistics()
+        return ApiUnavailableError(
+            f"the API is {st.describe()}, {st.consecutive_failures} calls in a row: stopping "
+            "rather than failing rows for it. The rows in flight are saved, not failed; check "
+            "the API's status (and --base-url), then rerun the same command to resume."
+        )
 
     # --- polls -----------------------------------------------------------------------------------
 
@@ -461,34 +577,26 @@ class Engine:
         client = self.client
         structlog.contextvars.bind_contextvars(id=sub.job.id)  # one task per poll
         try:
-            answer = await client.call_with_retries(lambda: client.retrieve_once(sub.token),
-                                                    on_retry=_log_retry)
-        except TransientError:
-            if self.clock.now() - sub.submitted_mono < MAX_TOKEN_AGE_S:
-                return PollDecision.AGAIN
-            await self._finish_sub(sub, "failed", error=ErrorInfo(
-                "retrieve_gave_up", "could not retrieve the result for hours (network errors)"))
-            return PollDecision.DROP  # not a completion time: the policy must not learn it
-        except PermanentError as exc:
-            await self._finish_sub(sub, "failed", error=ErrorInfo(
+            answer = await client.call_with_retries(
+                lambda: client.retrieve_once(sub.token, sub.analyse_type),
+                endpoint="retrieve", on_retry=_log_retry)
+        except (PermanentError, TransientError) as exc:
+            if isinstance(exc, TransientError) and not client.health.healthy:
+                raise self._outage() from None  # the token stays journaled: a rerun polls it
+            await self._finish_sub(sub, Status.FAILED, error=ErrorInfo(
                 exc.kind, exc.message, exc.http_status))
-            return PollDecision.DROP
-        if answer.status == 202:
+            return PollDecision.DROP  # not a completion time: the policy must not learn it
+        decision = retrieve_decision(answer.status, sub.attempts, self.settings.max_attempts)
+        if decision.action is RetrieveAction.AGAIN:
             sub.run_id = answer.run_id or sub.run_id
             return PollDecision.AGAIN
-        if answer.status == 200:
-            await self._finish_sub(sub, "completed", result=answer.body)
+        if decision.action is RetrieveAction.COMPLETE:
+            await self._finish_sub(sub, Status.COMPLETED, result=answer.body)
             return PollDecision.DONE
-        if answer.status == 500:
-            await self._finish_sub(sub, "failed", error=ErrorInfo(
-                "analysis_failed", f"the API could not analyse this folder: {answer.message}",
-                500))
-            return PollDecision.DONE
-        # 401 (token invalid) or 404 (expired or unknown): resubmit within the attempt budget.
-        kind = "token_expired" if answer.status == 404 else "token_invalid"
-        if sub.attempts < self.settings.max_attempts:
+        assert decision.kind is not None
+        if decision.action is RetrieveAction.RESUBMIT:
             self.resubmits += 1
-            log.info("resubmit", id=sub.job.id, reason=kind, attempt=sub.attempts + 1)
+            log.info("resubmit", id=sub.job.id, reason=decision.kind, attempt=sub.attempts + 1)
             self._journal.mark_pending(sub.job.key)
             self.counters.processing -= 1
             # The upload runs in its own task: a poll slot must not wait on an upload slot, or a
@@ -497,9 +605,14 @@ class Engine:
             self._tasks.start_soon(
                 self._resubmit, Ticket(sub.job, sub.attempts + 1, sub.possible_duplicate))
             return PollDecision.DROP
-        await self._finish_sub(sub, "failed", error=ErrorInfo(
-            kind, f"retrieve answered {answer.status} ({answer.message}) and the attempt budget "
-            f"({self.settings.max_attempts}) is spent", answer.status))
+        if decision.kind == "analysis_failed":
+            await self._finish_sub(sub, Status.FAILED, error=ErrorInfo(
+                "analysis_failed", f"the API could not analyse this folder: {answer.message}",
+                500))
+            return PollDecision.DONE
+        await self._finish_sub(sub, Status.FAILED, error=ErrorInfo(
+            decision.kind, f"retrieve answered {answer.status} ({answer.message}) and the "
+            f"attempt budget ({self.settings.max_attempts}) is spent", answer.status))
         return PollDecision.DROP
 
     async def _resubmit(self, ticket: Ticket) -> None:
@@ -508,14 +621,14 @@ class Engine:
         finally:
             self.scheduler.release()
 
-    async def _finish_sub(self, sub: Submitted, status: str, *, result: Any = None,
+    async def _finish_sub(self, sub: Submitted, status: Status, *, result: Any = None,
                           error: ErrorInfo | None = None) -> None:
         self.counters.processing -= 1
         await self._finish_job(sub.job, sub.attempts, sub.polls, status=status, result=result,
                                error=error, submitted_at=sub.submitted_at, run_id=sub.run_id,
                                possible_duplicate=sub.possible_duplicate)
 
-    async def _finish_job(self, job: Job, attempts: int, polls: int, *, status: str,
+    async def _finish_job(self, job: Job, attempts: int, polls: int, *, status: Status,
                           result: Any = None, error: ErrorInfo | None = None,
                           submitted_at: float | None = None, run_id: str | None = None,
                           possible_duplicate: bool = False) -> None:
@@ -533,7 +646,7 @@ class Engine:
             await self._emit(out, api=True)
 
     async def _emit(self, out: Outcome, *, api: bool) -> None:
-        if out.status == "completed":
+        if out.status == Status.COMPLETED:
             self.counters.completed += 1
         else:
             self.counters.failed += 1
@@ -542,22 +655,8 @@ class Engine:
                  decision=decision_of(out.result), latency_s=out.to_json()["latency_s"])
         await self._out.send(out)
         if api:
-            self._check_mass_failure(out)
-
-    def _check_mass_failure(self, out: Outcome) -> None:
-        """Stop when most recent API rows failed server-side (state is saved; rerun resumes)."""
-        server_side = (out.status == "failed" and out.error is not None
-                       and out.error.kind in MASS_FAILURE_KINDS)
-        window = self._recent_api_outcomes
-        window.append(server_side)
-        s = self.settings
-        if len(window) == window.maxlen and sum(window) > s.max_failure_rate * len(window):
-            raise MassFailureError(
-                f"{sum(window)} of the last {len(window)} rows failed server-side (over "
-                f"{s.max_failure_rate:.0%}): stopping instead of burning through the archive. "
-                "Check the API's answers in the output, then rerun the same command to resume "
-                "(raise --max-failure-rate to go on regardless)."
-            )
+            # Stop when most recent API rows failed server-side (state saved; rerun resumes).
+            self._mass_failure.add(out.error.kind if out.error else None)
 
     def _on_durable(self, outcomes: list[Outcome]) -> None:
         for out in outcomes:
@@ -571,6 +670,27 @@ def _log_retry(exc: ApiError) -> None:
 
 def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:
     return list(islice(rows, n))
+
+
+def _sent_types(payload: dict[str, Any]) -> tuple[str, ...]:
+    """The analyse types a payload asks for (a manifest's payload column may override them)."""
+    value = payload.get("analyse_type")
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
+
+
+def _legacy_identity(rec: RowRecord, job: Job | None, identity: str | None) -> str | None:
+    """For a token journaled before request identities were (schema 1): the old rule (same
+    folder path, options and files) stands in — ``identity`` when it holds, else None."""
+    if job is None or rec.path is None:
+        return None
+    extra = json.loads(rec.extra) if rec.extra else {}
+    same = (rec.path == str(job.path) and rec.fingerprint == job.fingerprint
+            and extra.get("use_case") == job.use_case
+            and (tuple(extra["analyse_type"]) if extra.get("analyse_type") else None)
+            == job.analyse_type and (extra.get("payload") or {}) == job.payload)
+    return identity if same else None
 
 
 __all__ = ["Engine", "RunResult"]

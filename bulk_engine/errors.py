@@ -4,9 +4,11 @@ Split by cause, and by whether a retry can help::
 
     BulkEngineError                     base of everything raised on purpose
     ├── ConfigError                     bad settings, flags or files: fix and rerun (exit 1)
+    ├── StorageError                    the journal or the output cannot be written (exit 1)
     ├── FatalRunError                   the whole run must stop (exit 1)
     │   ├── AuthError                   401/403 on POST /case, 403 on retrieve: the key is wrong
-    │   └── MassFailureError            too many recent rows failed server-side
+    │   ├── MassFailureError            too many recent rows failed server-side
+    │   └── ApiUnavailableError         the API stopped answering: stop before failing rows
     ├── ManifestError                   one bad manifest row or folder (becomes a `failed` line)
     └── ApiError                        one HTTP exchange that did not give what we wanted
         ├── TransientError              a retry can help: connect errors, timeouts, 429, 5xx
@@ -30,6 +32,13 @@ class ConfigError(BulkEngineError):
     """A setting, flag or file is wrong; the message says what to fix."""
 
 
+class StorageError(BulkEngineError):
+    """The journal or the output cannot be read or written (disk full, I/O error, corrupt).
+
+    The message names the file and what to do; the state already committed is safe.
+    """
+
+
 class FatalRunError(BulkEngineError):
     """The run cannot go on (state is saved; a rerun resumes)."""
 
@@ -44,6 +53,10 @@ class AuthError(FatalRunError):
 
 class MassFailureError(FatalRunError):
     """Most recent rows failed server-side: stop instead of burning the archive."""
+
+
+class ApiUnavailableError(FatalRunError):
+    """The API stopped answering (an outage): stop with the rows in flight unfailed."""
 
 
 class ManifestError(BulkEngineError):

@@ -36,7 +36,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,18 +45,24 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from bulk_engine.config import Settings
-from bulk_engine.errors import ConfigError
+from bulk_engine.errors import ConfigError, StorageError
 from bulk_engine.models import Job
+from bulk_engine.vocab import RowState, Status
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
-PENDING: Final = "pending"
-SUBMITTING: Final = "submitting"
-SUBMITTED: Final = "submitted"
-DONE: Final = "done"
-RETRYING: Final = "retrying"
-STATES: Final = (PENDING, SUBMITTING, SUBMITTED, DONE, RETRYING)
-OUTCOMES: Final = ("completed", "failed")
+PENDING: Final = RowState.PENDING.value
+SUBMITTING: Final = RowState.SUBMITTING.value
+SUBMITTED: Final = RowState.SUBMITTED.value
+DONE: Final = RowState.DONE.value
+RETRYING: Final = RowState.RETRYING.value
+STATES: Final = tuple(s.value for s in RowState)
+OUTCOMES: Final = tuple(s.value for s in Status)
+
+# A completed row whose line went missing is re-polled (not resubmitted) when it was finished
+# this recently: results stay retrievable for 60 minutes after the analysis completed, which
+# was before the row was marked done.
+REPOLL_WINDOW_S: Final = 50 * 60.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -78,7 +84,12 @@ CREATE TABLE IF NOT EXISTS rows (
     outcome            TEXT,
     possible_duplicate INTEGER NOT NULL DEFAULT 0,
     updated_at         REAL,
-    extra              TEXT
+    extra              TEXT,
+    error_kind         TEXT,
+    request_fp         TEXT,
+    done_at            REAL,
+    kept_token         TEXT,
+    key_fp             TEXT
 );
 -- (state, key): state lookups, and key-ordered paging through one state.
 CREATE INDEX IF NOT EXISTS rows_state ON rows(state, key);
@@ -86,12 +97,36 @@ CREATE INDEX IF NOT EXISTS rows_state ON rows(state, key);
 
 _COLUMNS = (
     "key, id, folder, path, line, state, token, run_id, fingerprint, attempts, submitted_at, "
-    "outcome, possible_duplicate, updated_at, extra"
+    "outcome, possible_duplicate, updated_at, extra, error_kind, request_fp, done_at, kept_token, "
+    "key_fp"
 )
+# Columns added by each schema version, for journals written by an older bulk_engine.
+_MIGRATIONS: Final = {
+    2: ("ALTER TABLE rows ADD COLUMN error_kind TEXT",
+        "ALTER TABLE rows ADD COLUMN request_fp TEXT",
+        "ALTER TABLE rows ADD COLUMN done_at REAL",
+        "ALTER TABLE rows ADD COLUMN kept_token TEXT",
+        "ALTER TABLE rows ADD COLUMN key_fp TEXT"),
+}
 
 _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 
 _PAGE = 1000  # keys per page in keys_in_state: bounded memory, robust to concurrent updates
+
+
+@dataclass(slots=True)
+class RebuildReport:
+    """What :meth:`Journal.rebuild_from_output` found."""
+
+    lines: int = 0  # valid lines in the output
+    duplicate_keys: int = 0  # rows with more than one line
+    already_done: int = 0  # rows with a line that the journal had done already
+    repolled: int = 0  # done rows whose line was gone: their token is polled again
+    resubmitted: int = 0  # done rows whose line was gone: sent back to pending
+
+    @property
+    def redone(self) -> int:
+        return self.repolled + self.resubmitted
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +148,11 @@ class RowRecord:
     possible_duplicate: bool
     updated_at: float | None
     extra: str | None = None  # JSON {use_case, analyse_type, payload}: rebuilds the Job on resume
+    error_kind: str | None = None  # error.kind of a done+failed row
+    request_fp: str | None = None  # client.request_identity of the last submission
+    done_at: float | None = None  # wall time the row's line became durable
+    kept_token: str | None = field(default=None, repr=False)  # a done row's last token
+    key_fp: str | None = None  # client.key_fingerprint of the key that submitted it
 
     @property
     def token_hint(self) -> str | None:
@@ -239,6 +279,11 @@ class Journal:
                     f"journal {self.path} has schema version {row[0]}, newer than this "
                     f"bulk_engine understands ({SCHEMA_VERSION}); upgrade bulk_engine"
                 )
+            elif int(row[0]) < SCHEMA_VERSION:
+                for version in range(int(row[0]) + 1, SCHEMA_VERSION + 1):
+                    for stmt in _MIGRATIONS.get(version, ()):
+                        c.execute(stmt)
+                self._set_meta(c, "schema_version", str(SCHEMA_VERSION))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -277,16 +322,30 @@ class Journal:
             finally:
                 self._batch_depth -= 1
             return
-        self._conn.execute("BEGIN IMMEDIATE")
-        self._batch_depth = 1
+        with self._storage_errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._batch_depth = 1
+            try:
+                yield
+            except BaseException:
+                self._batch_depth = 0
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # a failed statement (disk full) may have rolled back already
+                raise
+            self._batch_depth = 0
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """SQLite's errors as a StorageError that names the journal and what to do."""
         try:
             yield
-        except BaseException:
-            self._batch_depth = 0
-            self._conn.execute("ROLLBACK")
-            raise
-        self._batch_depth = 0
-        self._conn.execute("COMMIT")
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # misuse (a bug), not the storage
+        except sqlite3.Error as exc:
+            raise StorageError(describe_sqlite_error(self.path, exc)) from None
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -298,12 +357,15 @@ class Journal:
 
     def get(self, key: str) -> RowRecord | None:
         """The row of ``key``, or None if the journal never saw it."""
-        row = self._conn.execute(f"SELECT {_COLUMNS} FROM rows WHERE key=?", (key,)).fetchone()
+        with self._storage_errors():
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM rows WHERE key=?", (key,)).fetchone()
         return None if row is None else RowRecord._from_row(row)
 
     def is_done(self, key: str) -> bool:
         """True if the row's line is durably in the output."""
-        row = self._conn.execute("SELECT state FROM rows WHERE key=?", (key,)).fetchone()
+        with self._storage_errors():
+            row = self._conn.execute("SELECT state FROM rows WHERE key=?", (key,)).fetchone()
         return row is not None and row[0] == DONE
 
     def live_tokens(self) -> list[RowRecord]:
@@ -315,10 +377,11 @@ class Journal:
         return self._select_state(SUBMITTING)
 
     def _select_state(self, state: str) -> list[RowRecord]:
-        cur = self._conn.execute(
-            f"SELECT {_COLUMNS} FROM rows WHERE state=? ORDER BY key", (state,)
-        )
-        return [RowRecord._from_row(r) for r in cur]
+        with self._storage_errors():
+            cur = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM rows WHERE state=? ORDER BY key", (state,)
+            )
+            return [RowRecord._from_row(r) for r in cur]
 
     def keys_in_state(self, state: str) -> Iterator[str]:
         """Every key in ``state``, in key order, fetched page by page (bounded memory)."""
@@ -347,21 +410,26 @@ class Journal:
         Keys: ``pending submitting submitted done retrying completed failed``.
         """
         out = dict.fromkeys(STATES + OUTCOMES, 0)
-        for state, n in self._conn.execute("SELECT state, COUNT(*) FROM rows GROUP BY state"):
-            out[state] = n
-        for outcome, n in self._conn.execute(
-            "SELECT outcome, COUNT(*) FROM rows WHERE state=? GROUP BY outcome", (DONE,)
-        ):
-            if outcome is not None:
-                out[outcome] = n
+        with self._storage_errors():
+            for state, n in self._conn.execute(
+                    "SELECT state, COUNT(*) FROM rows GROUP BY state"):
+                out[state] = n
+            for outcome, n in self._conn.execute(
+                "SELECT outcome, COUNT(*) FROM rows WHERE state=? GROUP BY outcome", (DONE,)
+            ):
+                if outcome is not None:
+                    out[outcome] = n
         return out
 
     # ------------------------------------------------------------------ row transitions
 
-    def mark_submitting(self, job: Job, attempts: int) -> None:
+    def mark_submitting(self, job: Job, attempts: int, request_fp: str | None = None,
+                        key_fp: str | None = None) -> None:
         """Record that the POST /case of ``job`` is about to be sent (call BEFORE sending).
 
-        If the row was already ``submitting`` (a previous POST's fate is unknown), it is flagged
+        ``request_fp`` is the submission's request identity (``client.request_identity``),
+        ``key_fp`` the fingerprint of the key it is sent with (never the key). If the row was
+        already ``submitting`` (a previous POST's fate is unknown), it is flagged
         ``possible_duplicate``.
         """
         now = time.time()
@@ -370,15 +438,16 @@ class Journal:
                 """
                 INSERT INTO rows (key, id, folder, path, line, state, token, run_id, fingerprint,
                                   attempts, submitted_at, outcome, possible_duplicate, updated_at,
-                                  extra)
-                VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, NULL, NULL, 0, ?, ?)
+                                  extra, request_fp, key_fp)
+                VALUES (?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, NULL, NULL, 0, ?, ?, ?, ?)
                 ON CONFLICT(key) DO UPDATE SET
                     id=excluded.id, folder=excluded.folder, path=excluded.path,
                     line=excluded.line, state=excluded.state, token=NULL,
                     fingerprint=excluded.fingerprint, attempts=excluded.attempts,
-                    outcome=NULL,
+                    outcome=NULL, error_kind=NULL, done_at=NULL,
                     possible_duplicate=(rows.possible_duplicate OR rows.state='submitting'),
-                    updated_at=excluded.updated_at, extra=excluded.extra
+                    updated_at=excluded.updated_at, extra=excluded.extra,
+                    request_fp=excluded.request_fp, key_fp=excluded.key_fp
                 """,
                 (
                     job.key,
@@ -392,6 +461,8 @@ class Journal:
                     attempts,
                     now,
                     _job_extra(job),
+                    request_fp,
+                    key_fp,
                 ),
             )
 
@@ -418,6 +489,11 @@ class Journal:
                 (PENDING, time.time(), attempts, key),
             )
 
+    def forget(self, key: str) -> None:
+        """Remove a row the manifest no longer holds (it gets no line)."""
+        with self._tx() as c:
+            c.execute("DELETE FROM rows WHERE key=?", (key,))
+
     def mark_possible_duplicate(self, key: str) -> None:
         """Flag a row whose submit may have created a second run server-side."""
         with self._tx() as c:
@@ -426,31 +502,101 @@ class Journal:
                 (time.time(), key),
             )
 
-    def mark_done_many(self, items: Iterable[tuple[str, str]], output_offset: int) -> None:
+    def mark_done_many(
+        self,
+        items: Iterable[tuple[str, str] | tuple[str, str, str | None]],
+        output_offset: int,
+        *,
+        tail: str | None = None,
+    ) -> None:
         """Mark rows done and move ``output_offset``, in one transaction.
 
-        ``items`` is ``[(key, 'completed'|'failed'), ...]``. Call only after the rows' lines are
-        fsynced and ``output_offset`` is the output's size just past them. Keys the journal never
-        saw (bad manifest rows) are inserted.
+        ``items`` is ``[(key, 'completed'|'failed'[, error kind]), ...]``. Call only after the
+        rows' lines are fsynced and ``output_offset`` is the output's size just past them;
+        ``tail`` is ``writer.tail_digest`` of the output's bytes just before that offset (how the
+        next run tells the output was not edited behind the journal's back). Keys the journal
+        never saw (bad manifest rows) are inserted. The token moves to ``kept_token``: a row
+        whose line goes missing later can be re-polled instead of resubmitted.
         """
         now = time.time()
         rows = []
-        for key, outcome in items:
+        for item in items:
+            key, outcome = item[0], item[1]
+            kind = item[2] if len(item) > 2 else None
             if outcome not in OUTCOMES:
                 raise ValueError(f"outcome must be 'completed' or 'failed', got {outcome!r}")
-            rows.append((key, DONE, outcome, now))
+            rows.append((key, DONE, outcome, kind, now, now))
         with self._tx() as c:
             c.executemany(
                 """
-                INSERT INTO rows (key, state, outcome, attempts, possible_duplicate, updated_at)
-                VALUES (?, ?, ?, 0, 0, ?)
+                INSERT INTO rows (key, state, outcome, error_kind, attempts, possible_duplicate,
+                                  updated_at, done_at)
+                VALUES (?, ?, ?, ?, 0, 0, ?, ?)
                 ON CONFLICT(key) DO UPDATE SET
-                    state=excluded.state, outcome=excluded.outcome, token=NULL,
-                    updated_at=excluded.updated_at
+                    state=excluded.state, outcome=excluded.outcome,
+                    error_kind=excluded.error_kind, updated_at=excluded.updated_at,
+                    done_at=excluded.done_at, kept_token=COALESCE(rows.token, rows.kept_token),
+                    token=NULL
                 """,
                 rows,
             )
-            self._set_meta(c, "output_offset", str(int(output_offset)))
+            self._set_offset(c, output_offset, tail)
+
+    def rebuild_from_output(
+        self,
+        items: Iterable[tuple[str, str, str | None]],
+        output_offset: int,
+        *,
+        tail: str | None = None,
+    ) -> RebuildReport:
+        """Make the done-set exactly the rows that have a line in the output (``items``).
+
+        For an output that changed behind the journal's back (deleted, truncated, lines removed
+        by hand): every row with a line is done; every row the journal had done whose line is
+        gone is redone — re-polled if it completed within ``REPOLL_WINDOW_S`` and its token is
+        known, else sent back to ``pending`` (resubmitted under a new generation). Streams
+        ``items`` (``(key, status, error kind)`` per line) into a temporary table: memory flat.
+        """
+        now = time.time()
+        report = RebuildReport()
+        with self._tx() as c:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS present "
+                      "(key TEXT PRIMARY KEY, outcome TEXT, error_kind TEXT, n INTEGER)")
+            c.execute("DELETE FROM temp.present")
+            for key, outcome, kind in items:
+                c.execute(
+                    "INSERT INTO temp.present VALUES (?, ?, ?, 1) ON CONFLICT(key) DO UPDATE "
+                    "SET outcome=excluded.outcome, error_kind=excluded.error_kind, n=n+1",
+                    (key, outcome, kind))
+                report.lines += 1
+            report.duplicate_keys = c.execute(
+                "SELECT COUNT(*) FROM temp.present WHERE n > 1").fetchone()[0]
+            report.already_done = c.execute(
+                "SELECT COUNT(*) FROM temp.present JOIN rows USING (key) WHERE rows.state=?",
+                (DONE,)).fetchone()[0]
+            gone = "state=? AND key NOT IN (SELECT key FROM temp.present)"
+            report.repolled = c.execute(
+                f"UPDATE rows SET state=?, token=kept_token, outcome=NULL, error_kind=NULL, "
+                f"done_at=NULL, updated_at=? WHERE {gone} AND outcome=? "
+                f"AND kept_token IS NOT NULL AND path IS NOT NULL AND done_at >= ?",
+                (SUBMITTED, now, DONE, Status.COMPLETED.value, now - REPOLL_WINDOW_S)).rowcount
+            report.resubmitted = c.execute(
+                f"UPDATE rows SET state=?, token=NULL, outcome=NULL, error_kind=NULL, "
+                f"done_at=NULL, updated_at=? WHERE {gone}", (PENDING, now, DONE)).rowcount
+            c.execute(
+                """
+                INSERT INTO rows (key, state, outcome, error_kind, attempts, possible_duplicate,
+                                  updated_at, done_at)
+                SELECT key, ?, outcome, error_kind, 0, 0, ?, ? FROM temp.present WHERE true
+                ON CONFLICT(key) DO UPDATE SET
+                    state=excluded.state, outcome=excluded.outcome,
+                    error_kind=excluded.error_kind, updated_at=excluded.updated_at,
+                    done_at=COALESCE(rows.done_at, excluded.done_at)
+                """,
+                (DONE, now, now))
+            c.execute("DELETE FROM temp.present")
+            self._set_offset(c, output_offset, tail)
+        return report
 
     # ------------------------------------------------------------------ run metadata
 
@@ -462,13 +608,25 @@ class Journal:
 
     def get_meta(self, key: str) -> str | None:
         """A run metadata value, or None."""
-        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        with self._storage_errors():
+            row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
         """Store a run metadata value (strings only; never a secret)."""
         with self._tx() as c:
             self._set_meta(c, key, value)
+
+    @classmethod
+    def _set_offset(cls, c: sqlite3.Connection, offset: int, tail: str | None) -> None:
+        cls._set_meta(c, "output_offset", str(int(offset)))
+        cls._set_meta(c, "output_tail", tail or "")
+
+    @property
+    def output_tail(self) -> str | None:
+        """``writer.tail_digest`` of the output just before ``output_offset``; None if unknown
+        (a journal written before it was recorded)."""
+        return self.get_meta("output_tail") or None
 
     @staticmethod
     def _set_meta(c: sqlite3.Connection, key: str, value: str) -> None:
@@ -507,35 +665,59 @@ class Journal:
 
     # ------------------------------------------------------------------ --retry-failed
 
-    def begin_retry_failed(self) -> int:
-        """Move every done+failed row to ``retrying`` and set ``rewrite_pending``; returns how many.
+    def begin_retry_failed(self, kinds: Collection[str] | None = None) -> int:
+        """Move done+failed rows to ``retrying`` and set ``rewrite_pending``; returns how many.
 
-        Then ``writer.rewrite_without_failed`` drops their lines, and :meth:`finish_retry_failed`
+        ``kinds``: only rows whose error kind is one of these (None: every failed row). Then
+        ``writer.rewrite_without_failed`` drops their lines, and :meth:`finish_retry_failed`
         makes them pending. A crash in between is redone at startup while
-        ``get_meta('rewrite_pending') == '1'``.
+        ``get_meta('rewrite_pending') == '1'``. With nothing to retry, nothing is flagged.
         """
         with self._tx() as c:
-            cur = c.execute(
-                "UPDATE rows SET state=?, updated_at=? WHERE state=? AND outcome='failed'",
-                (RETRYING, time.time(), DONE),
-            )
-            self._set_meta(c, "rewrite_pending", "1")
+            where = "state=? AND outcome=?"
+            args: list[Any] = [RETRYING, time.time(), DONE, Status.FAILED.value]
+            if kinds is not None:
+                wanted = sorted(kinds)
+                where += f" AND error_kind IN ({','.join('?' * len(wanted))})"
+                args += wanted
+            cur = c.execute(f"UPDATE rows SET state=?, updated_at=? WHERE {where}", args)
+            if cur.rowcount:
+                self._set_meta(c, "rewrite_pending", "1")
             return cur.rowcount
 
-    def finish_retry_failed(self, new_offset: int) -> None:
+    def finish_retry_failed(self, new_offset: int, *, tail: str | None = None) -> None:
         """After the rewrite: ``retrying`` rows become ``pending``, the offset the new size."""
         with self._tx() as c:
             c.execute(
-                "UPDATE rows SET state=?, outcome=NULL, token=NULL, updated_at=? WHERE state=?",
+                "UPDATE rows SET state=?, outcome=NULL, error_kind=NULL, token=NULL, "
+                "done_at=NULL, updated_at=? WHERE state=?",
                 (PENDING, time.time(), RETRYING),
             )
             self._set_meta(c, "rewrite_pending", "0")
-            self._set_meta(c, "output_offset", str(int(new_offset)))
+            self._set_offset(c, new_offset, tail)
 
     @property
     def rewrite_pending(self) -> bool:
         """True if a --retry-failed rewrite was begun and not finished."""
         return self.get_meta("rewrite_pending") == "1"
+
+
+def describe_sqlite_error(path: Path, exc: sqlite3.Error) -> str:
+    """A SQLite error as one line naming the journal file and what to do (no traceback)."""
+    text = str(exc)
+    low = text.lower()
+    if "full" in low:
+        return (f"journal {path}: the disk is full ({text}); free space on that disk or put "
+                "the journal elsewhere (--journal), then rerun the same command: the state "
+                "committed so far is safe")
+    if "locked" in low or "busy" in low:
+        return (f"journal {path} is in use by another running bulk_engine process; wait for it "
+                "to finish or use another --output")
+    if "readonly" in low or "read-only" in low or "permission" in low:
+        return f"journal {path} cannot be written ({text}); check the file's permissions"
+    if "disk i/o" in low:
+        return f"journal {path}: disk I/O error ({text}); check the disk, then rerun"
+    return f"journal {path}: {text}"
 
 
 def _take_lock(path: Path, timeout: float) -> int:

@@ -22,6 +22,7 @@ manifest_parse_error.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "BAD_ROW_KINDS",
     "ProducerStats",
     "RowDefaults",
+    "check_manifest",
     "iter_manifest",
     "iter_root",
     "list_folder",
@@ -194,11 +196,23 @@ def _entry(
         )
     try:
         target_st = os.stat(entry.path)
-    except OSError:
+    except OSError as exc:
         try:
             target = os.readlink(entry.path)
         except OSError:  # pragma: no cover - vanished meanwhile
             target = "?"
+        if exc.errno == errno.ELOOP:
+            raise ManifestError(
+                "symlink_dangling",
+                f"symlink {name!r} (to {target!r}) is part of a loop of links that never "
+                "reaches a file; fix or remove the link",
+            ) from None
+        if exc.errno != errno.ENOENT:
+            raise ManifestError(
+                "symlink_dangling",
+                f"symlink {name!r} (to {target!r}) cannot be followed ({exc.strerror}); fix "
+                "the link or its target's permissions",
+            ) from None
         raise ManifestError(
             "symlink_dangling",
             f"symlink {name!r} points to {target!r}, which does not exist; fix or remove the link",
@@ -458,6 +472,7 @@ class _Producer:
         seen: Callable[[str], bool] | None,
         is_done: Callable[[str], bool] | None,
         stats: ProducerStats | None,
+        list_folders: bool = True,
     ) -> None:
         self.defaults = defaults
         self.max_file_size = max_file_size
@@ -465,6 +480,7 @@ class _Producer:
         self.seen = seen
         self.is_done = is_done
         self.stats = stats if stats is not None else ProducerStats()
+        self.list_folders = list_folders
 
     def claim(self, line: int, row_id: str) -> tuple[bool, bool]:
         """(duplicate, already done) for a row id; the caller skips done rows."""
@@ -494,7 +510,7 @@ class _Producer:
         try:
             files = list_folder(
                 path, max_file_size=self.max_file_size, follow_symlinks=self.follow_symlinks
-            )
+            ) if self.list_folders else ()
         except ManifestError as exc:
             return self.bad(line, row_id, folder, exc.kind, exc.message)
         job = Job(
@@ -512,6 +528,48 @@ class _Producer:
         return job
 
 
+def _open_manifest(manifest: str) -> IO[str]:
+    try:
+        return open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read manifest {manifest} ({exc.strerror}); check the path"
+        ) from None
+
+
+def _read_header(reader: Iterator[list[str]], lines: _Lines, manifest: str) -> _Columns:
+    """The header row's columns; ConfigError when the manifest cannot be a manifest."""
+    try:
+        header = next(reader)
+        while _blank(header):  # blank lines before the header
+            header = next(reader)
+    except StopIteration:
+        raise ConfigError(
+            f"manifest {manifest} is empty; it needs a header row with a 'folder' column, "
+            "then one row per folder"
+        ) from None
+    except (csv.Error, _LineTooLong, OSError) as exc:
+        raise ConfigError(
+            f"manifest {manifest}: cannot read the header row ({exc}); it must be a CSV "
+            "line such as 'id,folder'"
+        ) from None
+    if lines.take_flags():
+        raise ConfigError(
+            f"manifest {manifest}: the header row holds NUL bytes or is not UTF-8; "
+            "save the file as UTF-8 CSV"
+        )
+    return _read_columns(header, manifest)
+
+
+def check_manifest(path: Path) -> None:
+    """Raise ConfigError now if ``path`` cannot be read as a manifest (before any state is
+    created for it); reads the header only."""
+    manifest = os.fspath(path)
+    with _open_manifest(manifest) as fh:
+        lines = _Lines(fh)
+        _read_header(csv.reader(lines, strict=True), lines, manifest)
+
+
 def iter_manifest(
     path: Path,
     *,
@@ -522,6 +580,7 @@ def iter_manifest(
     seen: Callable[[str], bool] | None = None,
     is_done: Callable[[str], bool] | None = None,
     stats: ProducerStats | None = None,
+    list_folders: bool = True,
 ) -> Iterator[Job | BadRow]:
     """Stream the manifest's rows as Jobs (folder listed) or BadRows, in file order.
 
@@ -536,7 +595,8 @@ def iter_manifest(
     id came earlier in this run (the row becomes ``duplicate_id``); ``is_done(key)`` returns True
     for rows already finished, which are skipped before their folder is listed. Both callbacks
     run in the thread that iterates. ``stats`` is updated as rows go by. A row with neither id
-    nor folder gets the id ``<line N>``.
+    nor folder gets the id ``<line N>``. With ``list_folders=False`` folders are not listed
+    (Jobs have no files): the rows as the manifest states them, for a quick check.
     """
     producer = _Producer(
         defaults=defaults,
@@ -545,40 +605,17 @@ def iter_manifest(
         seen=seen,
         is_done=is_done,
         stats=stats,
+        list_folders=list_folders,
     )
     st = producer.stats
     manifest = os.fspath(path)
     base = os.path.dirname(os.path.abspath(manifest))
     confine = os.path.realpath(confine_to) if confine_to is not None else None
-    try:
-        fh = open(manifest, encoding="utf-8-sig", errors="surrogateescape", newline="")  # noqa: SIM115
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read manifest {manifest} ({exc.strerror}); check the path"
-        ) from None
+    fh = _open_manifest(manifest)
     with fh:
         lines = _Lines(fh)
         reader = csv.reader(lines, strict=True)
-        try:
-            header = next(reader)
-            while _blank(header):  # blank lines before the header
-                header = next(reader)
-        except StopIteration:
-            raise ConfigError(
-                f"manifest {manifest} is empty; it needs a header row with a 'folder' column, "
-                "then one row per folder"
-            ) from None
-        except (csv.Error, _LineTooLong, OSError) as exc:
-            raise ConfigError(
-                f"manifest {manifest}: cannot read the header row ({exc}); it must be a CSV "
-                "line such as 'id,folder'"
-            ) from None
-        if lines.take_flags():
-            raise ConfigError(
-                f"manifest {manifest}: the header row holds NUL bytes or is not UTF-8; "
-                "save the file as UTF-8 CSV"
-            )
-        cols = _read_columns(header, manifest)
+        cols = _read_header(reader, lines, manifest)
 
         while True:
             start = lines.lineno + 1
@@ -760,6 +797,7 @@ def iter_root(
     seen: Callable[[str], bool] | None = None,
     is_done: Callable[[str], bool] | None = None,
     stats: ProducerStats | None = None,
+    list_folders: bool = True,
 ) -> Iterator[Job | BadRow]:
     """Stream every leaf folder under ``root`` as a row, in sorted order.
 
@@ -775,6 +813,7 @@ def iter_root(
         seen=seen,
         is_done=is_done,
         stats=stats,
+        list_folders=list_folders,
     )
     top = os.path.abspath(root)
     if not os.path.isdir(top):

@@ -98,6 +98,7 @@ class Submitted:
     run_id: str | None = None
     resumed: bool = False
     possible_duplicate: bool = False  # sent again after a crash mid-POST: carried to its line
+    analyse_type: tuple[str, ...] = ()  # what the submission asked for: the result must match
 
 
 @dataclass(slots=True)

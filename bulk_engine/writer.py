@@ -6,10 +6,17 @@ Where it sits::
                                                            └──(after fsync)──▶ journal done-marks
 
 Ordering rule: a row is marked done in the journal only after its line is fsynced, and the
-journal's ``output_offset`` moves in the same transaction. At startup, :func:`repair_tail` cuts a
-line torn by a crash, and :func:`reconcile` marks done every complete line past
-``output_offset`` (lines written, or fsynced, just before a crash whose journal commit was lost).
-Together they give invariant 1: every row ends as exactly one line, whatever crashes happen.
+journal's ``output_offset`` moves in the same transaction, with a digest of the output's last
+bytes before it (``tail_digest``). At startup, :func:`repair_tail` cuts a line torn by a crash,
+and :func:`reconcile` makes the journal agree with the output file, which is the authority for
+what is done: when the bytes before the offset are still the ones the journal saw, it only marks
+done the complete lines past ``output_offset`` (lines written, or fsynced, just before a crash
+whose journal commit was lost); when the output was deleted, truncated or edited, it rescans the
+whole file and redoes every row the journal had done whose line is gone
+(``Journal.rebuild_from_output``). Together they give invariant 1: every row ends as exactly one
+line, whatever crashes or hand edits happen.
+
+Only one process writes an output at a time: :func:`lock_output` holds ``<output>.lock``.
 
 ``--retry-failed`` drops the failed rows' lines with :func:`rewrite_without_failed`
 (write a temporary file, fsync, rename, fsync the directory), between
@@ -18,9 +25,13 @@ Together they give invariant 1: every row ends as exactly one line, whatever cra
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +41,92 @@ import anyio.abc
 import structlog
 
 from bulk_engine.clock import Clock, MonotonicClock
-from bulk_engine.journal import RETRYING, Journal
+from bulk_engine.errors import ConfigError, StorageError
+from bulk_engine.journal import RETRYING, Journal, RebuildReport
 from bulk_engine.models import Outcome, row_key
+from bulk_engine.vocab import Status
 
 log = structlog.get_logger(__name__)
 
 _CHUNK = 64 * 1024
 _RECONCILE_BATCH = 1000  # lines per journal commit while reconciling
+TAIL_BYTES = 4096  # the window before the journal's offset that tells an edited output
+
+
+def tail_digest(window: bytes) -> str:
+    """The digest the journal keeps of the output's last ``TAIL_BYTES`` before its offset."""
+    return hashlib.sha256(window[-TAIL_BYTES:]).hexdigest()[:32]
+
+
+def _read_window(path: Path, offset: int) -> bytes:
+    """The file's last ``TAIL_BYTES`` before ``offset`` (fewer if it is shorter or missing)."""
+    try:
+        with open(path, "rb") as fh:
+            start = max(0, offset - TAIL_BYTES)
+            fh.seek(start)
+            return fh.read(offset - start)
+    except FileNotFoundError:
+        return b""
+
+
+def file_tail_digest(path: Path, offset: int) -> str | None:
+    """:func:`tail_digest` of the file's bytes before ``offset``; None if it is shorter."""
+    window = _read_window(path, offset)
+    return tail_digest(window) if len(window) == offset - max(0, offset - TAIL_BYTES) else None
+
+
+def storage_error(path: Path, what: str, exc: OSError) -> StorageError:
+    """An OSError on the output as one clear line: which file, what failed, what to do."""
+    reason = exc.strerror or str(exc)
+    hint = ("free space on that disk, then rerun the same command (the state is saved)"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "check the disk and the file's permissions, then rerun the same command")
+    return StorageError(f"cannot {what} output {path}: {reason}; {hint}")
+
+
+class OutputLock:
+    """``<output>.lock`` held with ``flock``: one process writes an output at a time.
+
+    Two runs given the same output (even with different ``--journal``) would interleave their
+    lines; the second is refused with a ConfigError instead.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = Path(f"{os.path.realpath(output)}.lock")
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float = 1.0) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the output's lock {self.path}: "
+                              f"{exc.strerror}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise ConfigError(
+                        f"output {self.path.with_suffix('')} is being written by another "
+                        "running bulk_engine process; wait for it to finish or choose another "
+                        "--output") from None
+                time.sleep(0.05)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------- startup repair
@@ -86,8 +176,8 @@ def repair_tail(path: Path) -> int:
     return removed
 
 
-def _line_key(line: bytes) -> tuple[str, str] | None:
-    """(journal key, status) of one output line, or None if it is not a valid record."""
+def _line_key(line: bytes) -> tuple[str, str, str | None] | None:
+    """(journal key, status, error kind) of one output line, or None if it is not a record."""
     try:
         rec = json.loads(line)
     except ValueError:
@@ -95,18 +185,20 @@ def _line_key(line: bytes) -> tuple[str, str] | None:
     if not isinstance(rec, dict):
         return None
     row_id, status, line_no = rec.get("id"), rec.get("status"), rec.get("line")
-    if not isinstance(row_id, str) or status not in ("completed", "failed"):
+    if not isinstance(row_id, str) or status not in (Status.COMPLETED, Status.FAILED):
         return None
     error = rec.get("error")
-    duplicate = isinstance(error, dict) and error.get("kind") == "duplicate_id"
+    kind = error.get("kind") if isinstance(error, dict) else None
+    duplicate = kind == "duplicate_id"
     if duplicate and not isinstance(line_no, int):
         return None
-    return row_key(row_id, line_no if isinstance(line_no, int) else 0, duplicate=duplicate), status
+    key = row_key(row_id, line_no if isinstance(line_no, int) else 0, duplicate=duplicate)
+    return key, status, kind if isinstance(kind, str) else None
 
 
 @dataclass(slots=True)
 class ReconcileReport:
-    """What :func:`reconcile` found past the journal's offset."""
+    """What :func:`reconcile` found."""
 
     repaired_bytes: int = 0  # torn tail cut by repair_tail
     start_offset: int = 0  # where the scan began
@@ -115,60 +207,117 @@ class ReconcileReport:
     already_done: int = 0  # of those, keys the journal had done already: duplicate lines
     bad_lines: int = 0  # lines that are not a valid record (should not happen)
     bad_line_offsets: list[int] = field(default_factory=list)  # first few, for the message
-    rescanned: bool = False  # the offset was past EOF (file replaced): scanned from 0
+    rescanned: bool = False  # the output changed behind the journal: scanned whole, done-set
+    rebuilt: RebuildReport | None = None  # what the rescan redid
+
+    @property
+    def rows_redone(self) -> int:
+        return self.rebuilt.redone if self.rebuilt is not None else 0
 
 
 def reconcile(path: Path, journal: Journal) -> ReconcileReport:
     """Make the journal agree with the output: call at startup, before anything is written.
 
-    Repairs a torn tail, then streams the output from ``journal.output_offset`` to EOF and
-    marks each line's row done (outcome = the line's status), in batches, moving the offset
-    with each batch. Lines that are not valid records are counted, not fatal.
+    Repairs a torn tail. If the bytes before the journal's offset are still the ones it saw
+    (``tail_digest``), streams the output from there to EOF and marks each line's row done
+    (outcome and error kind from the line), in batches, moving the offset with each batch.
+    Otherwise (the output was deleted, truncated or edited by hand) rescans the whole file and
+    rebuilds the done-set from it: rows done in the journal whose line is gone are redone. Lines
+    that are not valid records are counted, not fatal.
     """
     report = ReconcileReport(repaired_bytes=repair_tail(path))
+    offset = journal.output_offset
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below
+        size = os.stat(path).st_size
     except FileNotFoundError:
-        report.start_offset = report.end_offset = 0
-        if journal.output_offset != 0:
-            log.warning("output_missing", path=str(path), journal_offset=journal.output_offset)
-            report.rescanned = True
-        journal.mark_done_many([], 0)
+        size = -1
+    known_tail = journal.output_tail
+    intact = size >= offset and (
+        offset == 0 or known_tail is None or file_tail_digest(path, offset) == known_tail)
+    if not intact:
+        return _rebuild(path, journal, report, max(size, 0))
+    if size < 0:  # never written: nothing to reconcile
+        journal.mark_done_many([], 0, tail=tail_digest(b""))
         return report
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
-        start = journal.output_offset
-        if start > size:
-            # The file is shorter than the journal says: replaced (an interrupted
-            # --retry-failed rewrite) or edited by hand. Every line in it is done, so
-            # scanning from the start is safe; it only costs time.
-            log.warning(
-                "output_shorter_than_journal", path=str(path), size=size, journal_offset=start
-            )
-            start = 0
-            report.rescanned = True
-        report.start_offset = start
-        fh.seek(start)
-        pos = start
-        items: list[tuple[str, str]] = []
-        for line in fh:
-            line_start = pos
-            pos += len(line)
-            parsed = _line_key(line) if line.endswith(b"\n") else None
+    report.start_offset = offset
+    items: list[tuple[str, str, str | None]] = []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        pos = offset
+        for line_start, line, parsed in _scan(fh, offset, report):
+            pos = line_start + len(line)
             if parsed is None:
-                report.bad_lines += 1
-                if len(report.bad_line_offsets) < 10:
-                    report.bad_line_offsets.append(line_start)
-            else:
-                if journal.is_done(parsed[0]):
-                    report.already_done += 1
-                items.append(parsed)
-                report.lines_marked += 1
+                continue
+            if journal.is_done(parsed[0]):
+                report.already_done += 1
+            items.append(parsed)
+            report.lines_marked += 1
             if len(items) >= _RECONCILE_BATCH:
-                journal.mark_done_many(items, pos)
+                journal.mark_done_many(items, pos, tail=file_tail_digest(path, pos))
                 items = []
-        journal.mark_done_many(items, size)
-        report.end_offset = size
+    journal.mark_done_many(items, size, tail=file_tail_digest(path, size))
+    report.end_offset = size
+    _warn_bad_lines(path, report)
+    return report
+
+
+def _scan(fh: Any, start: int, report: ReconcileReport
+          ) -> Iterator[tuple[int, bytes, tuple[str, str, str | None] | None]]:
+    """``(offset, line, parsed)`` for each line from ``start``; bad lines counted in ``report``."""
+    pos = start
+    for line in fh:
+        line_start = pos
+        pos += len(line)
+        parsed = _line_key(line) if line.endswith(b"\n") else None
+        if parsed is None:
+            report.bad_lines += 1
+            if len(report.bad_line_offsets) < 10:
+                report.bad_line_offsets.append(line_start)
+        yield line_start, line, parsed
+
+
+def _rebuild(path: Path, journal: Journal, report: ReconcileReport, size: int) -> ReconcileReport:
+    """The whole output decides what is done (see :meth:`Journal.rebuild_from_output`)."""
+    report.rescanned = True
+    report.start_offset = 0
+    log.warning("output_changed", path=str(path), size=max(size, 0),
+                journal_offset=journal.output_offset,
+                hint="the output is not what the journal last saw (deleted, truncated or "
+                     "edited): rescanning it; rows whose line is gone are redone")
+    try:
+        fh: Any = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        fh = None
+
+    def items() -> Iterator[tuple[str, str, str | None]]:
+        if fh is None:
+            return
+        for _, _, parsed in _scan(fh, 0, report):
+            if parsed is not None:
+                report.lines_marked += 1
+                yield parsed
+
+    try:
+        report.rebuilt = journal.rebuild_from_output(
+            items(), size, tail=file_tail_digest(path, size) if fh is not None
+            else tail_digest(b""))
+    finally:
+        if fh is not None:
+            fh.close()
+    report.end_offset = size
+    report.already_done = report.rebuilt.already_done
+    if report.rebuilt.redone:
+        log.warning("rows_redone", rows=report.rebuilt.redone,
+                    repolled=report.rebuilt.repolled, resubmitted=report.rebuilt.resubmitted,
+                    hint="their lines are not in the output: they are done again")
+    if report.rebuilt.duplicate_keys:
+        log.warning("output_duplicate_lines", rows=report.rebuilt.duplicate_keys,
+                    hint="some rows have more than one line (two runs appended to one file?)")
+    _warn_bad_lines(path, report)
+    return report
+
+
+def _warn_bad_lines(path: Path, report: ReconcileReport) -> None:
     if report.bad_lines:
         log.warning(
             "output_bad_lines",
@@ -176,7 +325,6 @@ def reconcile(path: Path, journal: Journal) -> ReconcileReport:
             count=report.bad_lines,
             offsets=report.bad_line_offsets,
         )
-    return report
 
 
 def rewrite_without_failed(path: Path, journal: Journal) -> int:
@@ -259,6 +407,7 @@ class ResultWriter:
         self.fsyncs = 0
         self._fd = -1
         self._size = 0  # file size after the last complete line we wrote
+        self._tail = b""  # the file's last TAIL_BYTES, for the journal's tail digest
         self._pending: list[Outcome] = []  # written, not yet fsynced
         self._first_pending_at = 0.0
         self._failed = False  # a flush failed: journal nothing more (see _flush)
@@ -283,9 +432,13 @@ class ResultWriter:
         """
         self._wake = anyio.Event()
         self._flush_lock = anyio.Lock()
-        repair_tail(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._size = os.fstat(self._fd).st_size
+        try:
+            repair_tail(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._size = os.fstat(self._fd).st_size
+            self._tail = _read_window(self.path, self._size)
+        except OSError as exc:
+            raise storage_error(self.path, "open", exc) from None
         try:
             async with receive, anyio.create_task_group() as tg:
                 tg.start_soon(self._interval_flusher)
@@ -310,14 +463,17 @@ class ResultWriter:
             while view:
                 n = os.write(self._fd, view)
                 view = view[n:]
-        except BaseException:
+        except BaseException as exc:
             # Never leave half a line for the next one to be glued to.
             try:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
+            if isinstance(exc, OSError):
+                raise storage_error(self.path, "write to", exc) from None
             raise
         self._size += len(data)
+        self._tail = (self._tail + data)[-TAIL_BYTES:]
         self.lines_written += 1
         self.bytes_written += len(data)
         if not self._pending:
@@ -354,10 +510,16 @@ class ResultWriter:
                     return
                 batch, self._pending = self._pending, []
                 offset = self._size  # lines written during the fsync belong to the next batch
+                tail = tail_digest(self._tail)
                 try:
-                    await anyio.to_thread.run_sync(os.fsync, self._fd)
+                    try:
+                        await anyio.to_thread.run_sync(os.fsync, self._fd)
+                    except OSError as exc:
+                        raise storage_error(self.path, "fsync", exc) from None
                     self.fsyncs += 1
-                    self.journal.mark_done_many(((o.key, o.status) for o in batch), offset)
+                    self.journal.mark_done_many(
+                        ((o.key, o.status, o.error.kind if o.error else None) for o in batch),
+                        offset, tail=tail)
                 except BaseException:
                     self._failed = True
                     raise

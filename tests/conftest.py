@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from bulk_engine.client import multipart_filename
+from bulk_engine.client import idempotency_key, multipart_filename, submission_for
 from bulk_engine.config import Settings
 from bulk_engine.emulator.verdict import content_digest, expected_result
 from bulk_engine.manifest import list_folder
+from bulk_engine.models import Job, fingerprint_files
 
 API_KEY = "test-key-0123456789"
 
@@ -33,6 +34,16 @@ def expected_for_folder(
              for f in files]
     return expected_result(content_digest(pairs), analyse_type,
                            [multipart_filename(f.name) for f in files])
+
+
+def key_for(row_id: str, folder: Path, generation: int, **settings: Any) -> str:
+    """The Idempotency-Key the engine must send for this folder's async submission
+    ``generation``, with the test key and default options (or ``settings``)."""
+    files = list_folder(folder, max_file_size=1 << 40, follow_symlinks=False)
+    job = Job(line=0, id=row_id, folder=str(folder), path=folder, files=files,
+              fingerprint=fingerprint_files(files))
+    _, identity = submission_for(Settings(api_key=API_KEY, **settings), job, asynchronous=True)
+    return idempotency_key(identity, generation)
 
 
 def folder_bytes(folder: Path) -> int:

@@ -28,13 +28,12 @@ from typing import Any
 
 import pytest
 
-from bulk_engine.client import idempotency_key, multipart_filename
+from bulk_engine.client import multipart_filename
 from bulk_engine.emulator import content_digest
 from bulk_engine.manifest import list_folder
-from bulk_engine.models import fingerprint_files
 
 from archive_factory import make_archive
-from conftest import expected_for_folder
+from conftest import expected_for_folder, key_for
 from procs import (
     EmulatorProcess,
     EngineProcess,
@@ -67,11 +66,6 @@ def digest_of(folder: Path) -> str:
         (multipart_filename(f.name), hashlib.sha256(f.path.read_bytes()).hexdigest())
         for f in files
     )
-
-
-def key_for(row_id: str, folder: Path, generation: int) -> str:
-    files = list_folder(folder, max_file_size=1 << 40, follow_symlinks=False)
-    return idempotency_key(row_id, fingerprint_files(files), generation)
 
 
 def check_output(out: Path, folders: dict[str, Path]) -> list[dict[str, Any]]:

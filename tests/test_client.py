@@ -8,6 +8,7 @@ Every row of DESIGN.md's error-policy table that the client decides (POST /case 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import time
@@ -20,6 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
+from hypothesis import given
+from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -114,8 +117,13 @@ def assert_clean(exc: BaseException) -> None:
         assert not HEADER_RE.search(text), text
 
 
+DECISION = ("decision",)
+ASYNC_PAYLOAD = {"analyse_type": ["decision"], "use_case": "rental", "asynchronous": True}
+SYNC_PAYLOAD = {**ASYNC_PAYLOAD, "asynchronous": False}
+
+
 async def submit(client: CaseClient, job: Job) -> Any:
-    return await client.submit_once(job, asynchronous=True, idem_key="be-idem")
+    return await client.submit_once(job, payload=ASYNC_PAYLOAD, idem_key="be-idem")
 
 
 # ---- POST /case --------------------------------------------------------------------------
@@ -146,9 +154,10 @@ async def test_submit_202_without_token_is_ambiguous(client: CaseClient, job: Jo
 
 async def test_submit_200_sync_gives_the_result(client: CaseClient, job: Job, mock: Any) -> None:
     """200 (sync mode) → the result body verbatim."""
-    mock.post(CASE, status=200, payload={"decision": "approved", "run_id": "r1"})
-    answer = await client.submit_once(job, asynchronous=False, idem_key=None)
-    assert answer.result == {"decision": "approved", "run_id": "r1"} and answer.token is None
+    body = {"decision": {"status": "approved"}, "run_id": "r1"}
+    mock.post(CASE, status=200, payload=body)
+    answer = await client.submit_once(job, payload=SYNC_PAYLOAD, idem_key=None)
+    assert answer.result == body and answer.token is None
 
 
 async def test_submit_200_not_json_is_transient(client: CaseClient, job: Job, mock: Any) -> None:
@@ -329,14 +338,14 @@ async def test_unreadable_file_is_permanent(client: CaseClient, job: Job, mock: 
 
 @pytest.mark.parametrize(
     ("status", "body"),
-    [(200, {"decision": "approved"}), (202, {"status": "processing", "run_id": "r9"})],
+    [(200, {"decision": {"status": "approved"}}), (202, {"status": "processing", "run_id": "r9"})],
 )
 async def test_retrieve_200_and_202_are_answers(
     client: CaseClient, mock: Any, status: int, body: dict[str, Any]
 ) -> None:
     """200 (result) and 202 (reschedule) come back as answers, the body verbatim."""
     mock.post(RETRIEVE, status=status, payload=body)
-    answer = await client.retrieve_once(TOKEN)
+    answer = await client.retrieve_once(TOKEN, DECISION)
     assert (answer.status, answer.body) == (status, body)
     (call,) = mock.requests[("POST", URL(RETRIEVE))]
     assert call.kwargs["json"] == {"retrieve_token": TOKEN}
@@ -346,7 +355,7 @@ async def test_retrieve_200_and_202_are_answers(
 async def test_retrieve_202_run_id(client: CaseClient, mock: Any) -> None:
     """The run_id of a 202 is readable from the answer."""
     mock.post(RETRIEVE, status=202, payload={"status": "processing", "run_id": "r9"})
-    assert (await client.retrieve_once(TOKEN)).run_id == "r9"
+    assert (await client.retrieve_once(TOKEN, DECISION)).run_id == "r9"
 
 
 @pytest.mark.parametrize("status", [401, 404, 500])
@@ -355,7 +364,7 @@ async def test_retrieve_401_404_500_are_answers_for_the_engine(
 ) -> None:
     """401 (token invalid), 404 (expired), 500 (folder failed): answers with the message."""
     mock.post(RETRIEVE, status=status, payload={"detail": f"said {status}"})
-    answer = await client.retrieve_once(TOKEN)
+    answer = await client.retrieve_once(TOKEN, DECISION)
     assert answer.status == status and answer.message == f"said {status}"
 
 
@@ -363,7 +372,7 @@ async def test_retrieve_403_is_fatal(client: CaseClient, mock: Any) -> None:
     """403 on retrieve: the token belongs to another key, a configuration error: AuthError."""
     mock.post(RETRIEVE, status=403, payload={"detail": "another user"})
     with pytest.raises(AuthError) as ei:
-        await client.retrieve_once(TOKEN)
+        await client.retrieve_once(TOKEN, DECISION)
     assert ei.value.http_status == 403
     assert_clean(ei.value)
 
@@ -377,7 +386,7 @@ async def test_retrieve_throttle_and_5xx_are_transient(
     """429 and 5xx other than 500 on retrieve are retried; 429/503 honour Retry-After globally."""
     mock.post(RETRIEVE, status=status, payload={"detail": "busy"}, headers={"Retry-After": "1"})
     with pytest.raises(TransientError) as ei:
-        await client.retrieve_once(TOKEN)
+        await client.retrieve_once(TOKEN, DECISION)
     assert (ei.value.kind, ei.value.http_status) == (kind, status)
     paused = 1.0 if status in (429, 503) else 0.0
     assert limiter.paused_seconds_total == pytest.approx(paused, abs=0.3)
@@ -390,7 +399,7 @@ async def test_retrieve_malformed_json_is_transient(client: CaseClient, mock: An
     """A 200/202 whose body is not JSON is retried, never stored as a result."""
     mock.post(RETRIEVE, status=status, body='{"decision": "appr', content_type="application/json")
     with pytest.raises(TransientError) as ei:
-        await client.retrieve_once(TOKEN)
+        await client.retrieve_once(TOKEN, DECISION)
     assert ei.value.kind == "malformed_response"
 
 
@@ -398,7 +407,7 @@ async def test_retrieve_other_4xx_is_permanent(client: CaseClient, mock: Any) ->
     """A 4xx outside the documented table on retrieve: PermanentError (the row fails)."""
     mock.post(RETRIEVE, status=400, payload={"detail": "bad body"})
     with pytest.raises(PermanentError) as ei:
-        await client.retrieve_once(TOKEN)
+        await client.retrieve_once(TOKEN, DECISION)
     assert ei.value.kind == "rejected" and "bad body" in ei.value.message
 
 
@@ -408,7 +417,7 @@ async def test_retrieve_transport_error_is_transient_not_ambiguous(
     """A reset on retrieve is a plain retryable error: polling creates nothing."""
     mock.post(RETRIEVE, exception=aiohttp.ServerDisconnectedError())
     with pytest.raises(TransientError) as ei:
-        await client.retrieve_once(TOKEN)
+        await client.retrieve_once(TOKEN, DECISION)
     assert not isinstance(ei.value, AmbiguousSubmitError)
     assert client.stats.ambiguous_submits == 0
     assert_clean(ei.value)
@@ -424,8 +433,8 @@ async def test_retries_stay_within_budget_with_growing_jitter(
     mock.post(RETRIEVE, status=502, payload={}, repeat=True)
     retried: list[ApiError] = []
     with pytest.raises(TransientError):
-        await client.call_with_retries(lambda: client.retrieve_once(TOKEN),
-                                       on_retry=retried.append)
+        await client.call_with_retries(lambda: client.retrieve_once(TOKEN, DECISION),
+                                       endpoint="retrieve", on_retry=retried.append)
     assert len(mock.requests[("POST", URL(RETRIEVE))]) == 4
     assert client.stats.retries == 3 and len(retried) == 3
     assert len(clock.sleeps) == 3
@@ -437,8 +446,9 @@ async def test_retry_then_success(client: CaseClient, mock: Any, limiter: RateLi
     """Two transient failures, then a 200: the answer, two retries, the limiter told of success."""
     mock.post(RETRIEVE, status=503, payload={})
     mock.post(RETRIEVE, exception=aiohttp.ServerDisconnectedError())
-    mock.post(RETRIEVE, status=200, payload={"decision": "approved"})
-    answer = await client.call_with_retries(lambda: client.retrieve_once(TOKEN))
+    mock.post(RETRIEVE, status=200, payload={"decision": {"status": "approved"}})
+    answer = await client.call_with_retries(lambda: client.retrieve_once(TOKEN, DECISION),
+                                            endpoint="retrieve")
     assert answer.status == 200 and client.stats.retries == 2
 
 
@@ -449,15 +459,35 @@ async def test_no_retry_on_permanent_or_fatal(
     """Permanent and fatal answers are not retried: one request only."""
     mock.post(CASE, status=status, payload={"detail": "no"}, repeat=True)
     with pytest.raises(exc_type):
-        await client.call_with_retries(lambda: submit(client, job))
+        await client.call_with_retries(lambda: submit(client, job), endpoint="submit")
     assert len(mock.requests[("POST", URL(CASE))]) == 1 and client.stats.retries == 0
 
 
-def test_multipart_filename_keeps_utf8_and_replaces_undecodable_bytes() -> None:
-    """NFD stays NFD; an undecodable byte (surrogate escape) becomes U+FFFD."""
+def test_multipart_filename_keeps_utf8_and_percent_encodes_undecodable_bytes() -> None:
+    """NFD stays NFD; an undecodable byte is written %XX (no longer U+FFFD, which let two names
+    collide), and so are quotes, backslashes and line breaks."""
     nfd = "cafe\u0301.pdf"
     assert multipart_filename(nfd) == nfd
-    assert multipart_filename("caf\udce9.pdf") == "caf\ufffd.pdf"
+    assert multipart_filename("caf\udce9.pdf") == "caf%E9.pdf"
+    assert multipart_filename('a"b\\c\r\n.pdf') == "a%22b%5Cc%0D%0A.pdf"
+    assert multipart_filename("100%.pdf") == "100%.pdf"  # a lone % stays as it is
+    assert multipart_filename("a%22b.pdf") == "a%2522b.pdf"  # never read as an escape
+
+
+def _percent_decode(sent: str) -> bytes:
+    """The inverse of multipart_filename: every %XX back to its byte."""
+    return re.sub(rb"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                  sent.encode("utf-8"))
+
+
+@given(st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b and b"\0" not in b))
+def test_multipart_filename_is_collision_free(raw: bytes) -> None:
+    """Any on-disk name (any bytes) is sent as text whose %-decoding gives the name back: two
+    different names never travel as the same filename, and nothing breaks the header."""
+    name = os.fsdecode(raw)
+    sent = multipart_filename(name)
+    assert _percent_decode(sent) == raw
+    assert not any(c in sent for c in '"\\\r\n')
 
 
 @pytest.mark.parametrize("status", [400, 401, 422, 502])
@@ -478,5 +508,5 @@ async def test_a_retrieve_message_echoing_the_key_is_scrubbed(
 ) -> None:
     """retrieve 401/404/500 messages end up in `failed` lines: scrubbed of the key."""
     mock.post(RETRIEVE, status=status, body=f"no run for {KEY}", content_type="text/plain")
-    answer = await client.retrieve_once(TOKEN)
+    answer = await client.retrieve_once(TOKEN, DECISION)
     assert KEY not in answer.message and "[REDACTED]" in answer.message

@@ -22,17 +22,16 @@ from typing import Any
 import anyio
 import pytest
 
-from bulk_engine.client import idempotency_key, multipart_filename
+from bulk_engine.client import multipart_filename
 from bulk_engine.config import Settings
 from bulk_engine.emulator import Emulator, EmulatorConfig, content_digest, run_emulator
 from bulk_engine.engine import Engine, RunResult
 from bulk_engine.journal import Journal
 from bulk_engine.manifest import list_folder
-from bulk_engine.models import fingerprint_files
 from bulk_engine.writer import rewrite_without_failed
 
 from archive_factory import make_archive, make_pdf
-from conftest import API_KEY, engine_settings, expected_for_folder, read_lines
+from conftest import API_KEY, engine_settings, expected_for_folder, key_for, read_lines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,12 +42,6 @@ pytestmark = pytest.mark.timeout(60)
 def folders_of(manifest: Path) -> dict[str, Path]:
     with manifest.open(newline="", encoding="utf-8") as fh:
         return {row["id"]: manifest.parent / row["folder"] for row in csv.DictReader(fh)}
-
-
-def key_for(row_id: str, folder: Path, generation: int) -> str:
-    """The Idempotency-Key the engine must send for this folder's submission ``generation``."""
-    files = list_folder(folder, max_file_size=1 << 40, follow_symlinks=False)
-    return idempotency_key(row_id, fingerprint_files(files), generation)
 
 
 def digest_of(folder: Path) -> str:

@@ -214,9 +214,9 @@ async def test_journal_marks_done_only_lines_already_durable(
         real_fsync(fd)
         events.append(("fsync", os.fstat(fd).st_size))
 
-    def mark(items: Any, output_offset: int) -> None:
+    def mark(items: Any, output_offset: int, **kw: Any) -> None:
         events.append(("mark", output_offset))
-        real_mark(items, output_offset)
+        real_mark(items, output_offset, **kw)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(journal, "mark_done_many", mark)
@@ -351,12 +351,12 @@ _WRITER_CRASH_CHILD = textwrap.dedent(
     real_mark = journal.mark_done_many
     calls = 0
 
-    def mark(items, output_offset):
+    def mark(items, output_offset, **kw):
         global calls
         calls += 1
         if calls == 2:  # the 2nd batch's lines are fsynced; its journal commit never happens
             os.kill(os.getpid(), signal.SIGKILL)
-        real_mark(items, output_offset)
+        real_mark(items, output_offset, **kw)
 
     journal.mark_done_many = mark
 
