@@ -490,14 +490,16 @@ class CaseClient:
         op: Callable[[], Awaitable[T]],
         *,
         endpoint: str,
+        source: str | None = None,
         on_retry: Callable[[ApiError], None] | None = None,
     ) -> T:
         """Run ``op`` again on TransientError with full-jitter backoff, up to max_retries times.
 
-        Every outcome is reported to ``health`` for ``endpoint`` (``submit`` or ``retrieve``): a
-        429 or any documented answer is a success (the API answered), other transient errors are
-        failures. A ``Retry-After`` already paused the shared limiter for everyone; the backoff
-        sleep here only spreads this caller's next attempt. A timed-out call is logged at
+        Every outcome is reported to ``health`` for ``endpoint`` (``submit`` or ``retrieve``)
+        and ``source`` (the row): a 429 or any documented answer is a success (the API
+        answered), other transient errors are failures. A ``Retry-After`` already paused the
+        shared limiter for everyone; the backoff sleep here only spreads this caller's next
+        attempt. A timed-out call is logged at
         warning: it already cost its whole timeout.
         """
         s = self._settings
@@ -509,7 +511,7 @@ class CaseClient:
                 if exc.kind == "rate_limited":
                     self.health.record_success(endpoint)
                 else:
-                    self.health.record_failure(endpoint, exc.kind)
+                    self.health.record_failure(endpoint, exc.kind, source, exc.message)
                 delay = budget.next_delay()
                 if exc.kind == "timeout":
                     log.warning("call_timed_out", endpoint=endpoint, attempt=budget.retries,

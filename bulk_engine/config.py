@@ -93,6 +93,14 @@ class Settings:
         url = urlsplit(self.base_url)
         need(url.scheme in ("http", "https") and bool(url.netloc), "base_url",
              f"base_url must be an http:// or https:// URL, got {self.base_url!r}")
+        if self.api_key is not None:
+            # aiohttp refuses a header value with a line break deep in the first request;
+            # say it here, without ever showing the key.
+            need(not any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.api_key), "api_key",
+                 "api_key contains a line break or another control character (the key is not "
+                 "shown); remove it — a key read from a file often ends with a newline")
+            need(self.api_key == self.api_key.strip(), "api_key",
+                 "api_key starts or ends with spaces (the key is not shown); remove them")
         need(self.concurrency >= 1, "concurrency",
              f"concurrency must be at least 1, got {self.concurrency}")
         need(math.isfinite(self.rate_limit) and self.rate_limit > 0, "rate_limit",

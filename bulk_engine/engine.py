@@ -88,6 +88,15 @@ MAX_POLL_LATENESS_S = 60.0
 
 
 @dataclass(slots=True)
+class _Sending:
+    """A submission under way: can its body have reached a server yet?"""
+
+    attempts: int  # its generation
+    in_flight: bool = False  # a request of it is on the wire right now
+    maybe_sent: bool = False  # an attempt failed after its body may have arrived
+
+
+@dataclass(slots=True)
 class Ticket:
     """A job on its way to a submitter, with the journal's memory of it."""
 
@@ -144,8 +153,8 @@ class Engine:
         self._interrupted = False
         self._fatal: BaseException | None = None
         self._final_counts: dict[str, int] = {}
-        # Rows whose POST /case went out and has no answer yet: key -> submission generation.
-        self._sending: dict[str, int] = {}
+        # Rows whose POST /case went out and has no final answer yet.
+        self._sending: dict[str, _Sending] = {}
         # Rows whose journaled token this run took over at startup: the producer must not send
         # them again when it meets them, whatever state the journal shows by then (a 404 or a
         # changed folder moves them through pending/submitting while their task owns them).
@@ -277,16 +286,19 @@ class Engine:
                             if fatal is None:
                                 raise
                             self._fatal = fatal
-                            if isinstance(fatal, AuthError):
-                                self._forget_refused_submits()
+                        finally:
+                            self._forget_unsent(refused=isinstance(self._fatal, AuthError))
         self._final_counts = self._journal.counts()
 
-    def _forget_refused_submits(self) -> None:
-        """The key was refused: uploads still in flight made no run (the API refuses every call
-        with that key), so their rows must not look like possible duplicates on the rerun."""
+    def _forget_unsent(self, *, refused: bool) -> None:
+        """Submissions cut short (a stop, an interrupt) that cannot have created a run go back
+        to pending, so the rerun does not flag them as possible duplicates: those whose every
+        attempt failed before its body reached a server (connect errors), or all of them when
+        the key was ``refused`` (the API creates no run for a refused key)."""
         with self._journal.batch():
-            for key, attempts in self._sending.items():
-                self._journal.mark_pending(key, attempts=attempts - 1)
+            for key, st in self._sending.items():
+                if refused or not (st.maybe_sent or st.in_flight):
+                    self._journal.mark_pending(key, attempts=st.attempts - 1)
         self._sending.clear()
 
     async def _inner(self) -> None:
@@ -509,20 +521,21 @@ class Engine:
         payload, identity = self._submission(job, asynchronous=self._mode_for(job) == "async")
         idem = idempotency_key(identity, ticket.attempts) if s.idempotency else None
         submitted_wall = time.time()
-        journaled = False
-        maybe_sent = False  # an earlier attempt's body may have reached the server
+        sending = _Sending(ticket.attempts)
 
         def before_send() -> None:
             # Journal intent once, when the first request of this submission really goes out.
-            nonlocal journaled
-            if not journaled:
+            if job.key not in self._sending:
                 self._journal.mark_submitting(job, ticket.attempts, identity, self._key_fp)
-                self._sending[job.key] = ticket.attempts
-                journaled = True
+                self._sending[job.key] = sending
+            sending.in_flight = True
+
+        def after_attempt(exc: ApiError) -> None:
+            sending.in_flight = False
+            sending.maybe_sent = sending.maybe_sent or isinstance(exc, AmbiguousSubmitError)
 
         def on_retry(exc: ApiError) -> None:
-            nonlocal maybe_sent
-            maybe_sent = maybe_sent or isinstance(exc, AmbiguousSubmitError)
+            after_attempt(exc)
             _log_retry(exc)
 
         try:
@@ -530,15 +543,13 @@ class Engine:
                 answer = await client.call_with_retries(
                     lambda: client.submit_once(job, payload=payload, idem_key=idem,
                                                before_send=before_send),
-                    endpoint="submit", on_retry=on_retry,
+                    endpoint="submit", source=job.key, on_retry=on_retry,
                 )
         except (PermanentError, TransientError) as exc:
+            after_attempt(exc)
+            if isinstance(exc, TransientError) and not await client.health.verdict("submit"):
+                raise self._outage() from None  # _forget_unsent settles this row's journal
             self._sending.pop(job.key, None)
-            if isinstance(exc, TransientError) and not client.health.healthy:
-                if journaled and not (maybe_sent or isinstance(exc, AmbiguousSubmitError)):
-                    # Nothing of this submission reached the server: not a possible duplicate.
-                    self._journal.mark_pending(job.key, attempts=ticket.attempts - 1)
-                raise self._outage() from None
             await self._finish_job(job, ticket.attempts, 0, status=Status.FAILED,
                                    error=ErrorInfo(exc.kind, exc.message, exc.http_status),
                                    submitted_at=submitted_wall,
@@ -563,10 +574,11 @@ class Engine:
 
     def _outage(self) -> ApiUnavailableError:
         st = self.health.statistics()
+        last = f" Last answer: {st.last_failure_message}." if st.last_failure_message else ""
         return ApiUnavailableError(
             f"the API is {st.describe()}, {st.consecutive_failures} calls in a row: stopping "
-            "rather than failing rows for it. The rows in flight are saved, not failed; check "
-            "the API's status (and --base-url), then rerun the same command to resume."
+            f"rather than failing rows for it.{last} The rows in flight are saved, not failed; "
+            "check the API's status (and --base-url), then rerun the same command to resume."
         )
 
     # --- polls -----------------------------------------------------------------------------------
@@ -579,9 +591,9 @@ class Engine:
         try:
             answer = await client.call_with_retries(
                 lambda: client.retrieve_once(sub.token, sub.analyse_type),
-                endpoint="retrieve", on_retry=_log_retry)
+                endpoint="retrieve", source=sub.job.key, on_retry=_log_retry)
         except (PermanentError, TransientError) as exc:
-            if isinstance(exc, TransientError) and not client.health.healthy:
+            if isinstance(exc, TransientError) and not await client.health.verdict("retrieve"):
                 raise self._outage() from None  # the token stays journaled: a rerun polls it
             await self._finish_sub(sub, Status.FAILED, error=ErrorInfo(
                 exc.kind, exc.message, exc.http_status))

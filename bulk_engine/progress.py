@@ -121,8 +121,11 @@ class ProgressModel:
         default_factory=lambda: RateWindow(CALL_WINDOW_S, min_span=MIN_SPAN_S))
 
     def snapshot(self, now: float, c: LiveCounters, stats: _ClientStats | None,
-                 current_rate: float) -> dict[str, Any]:
-        """One tick: the figures as a flat dict (also the fields of the status log line)."""
+                 current_rate: float, *, api: str = "ok") -> dict[str, Any]:
+        """One tick: the figures as a flat dict (also the fields of the status log line).
+
+        ``api`` is ``ApiHealth.statistics().describe()``: ``ok`` or ``unhealthy since ...``.
+        """
         if self.started is None:
             self.started = now
         self.done_rate.add(now, c.done)
@@ -151,6 +154,7 @@ class ProgressModel:
             "bytes_uploaded": c.bytes_uploaded,
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(eta) if eta is not None else None,
+            "api": api,
         }
 
 
@@ -167,7 +171,7 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
                                 "throttled_429", "retries", "bytes_uploaded", "elapsed_s",
-                                "eta_s")},
+                                "eta_s", "api")},
         "eta": fmt_duration(snap["eta_s"]),
     }
 
@@ -205,6 +209,8 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
         text += f" [yellow](slowed from {conf:g} after 429s)[/]"
     t.add_row("API calls/s", text)
     t.add_row("429s · retries", f"{snap['throttled_429']} · {snap['retries']}")
+    if snap.get("api", "ok") != "ok":
+        t.add_row("API", f"[yellow]{snap['api']}[/]")
     t.add_row("uploaded", fmt_bytes(snap["bytes_uploaded"]))
     if finished or snap["remaining"] == 0:
         eta = "finished" if snap["remaining"] == 0 else "stopped"
@@ -308,7 +314,9 @@ async def show_progress(
 
     def snap() -> dict[str, Any]:
         stats = engine.client.stats if engine.client is not None else None
-        return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate)
+        health = getattr(engine, "health", None)  # an engine has one; a bare source may not
+        return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate,
+                              api=health.statistics().describe() if health is not None else "ok")
 
     async with anyio.create_task_group() as tg:
         if total_rows is None and counter is not None:

@@ -92,7 +92,10 @@ class OutputLock:
     """
 
     def __init__(self, output: Path) -> None:
-        self.path = Path(f"{os.path.realpath(output)}.lock")
+        # Beside the output as named (its directory resolved): an output that is itself a
+        # symlink still gets its lock next to the link.
+        output = Path(output)
+        self.path = Path(os.path.realpath(output.parent)) / f"{output.name}.lock"
         self._fd: int | None = None
 
     def acquire(self, timeout: float = 1.0) -> None:

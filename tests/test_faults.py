@@ -111,18 +111,36 @@ async def test_reset_before_body_is_retried_and_every_row_completes(tmp_path: Pa
     assert stats["runs_created"] == 30 and stats["duplicate_submissions"] == 0
 
 
-async def test_reset_before_body_every_time_fails_rows_after_exact_budget(tmp_path: Path) -> None:
-    """Always reset: each row gets exactly 1 + max_retries POSTs, then a `failed` line."""
-    manifest = make_archive(tmp_path / "a", 4, seed=2)
+async def test_reset_before_body_every_time_fails_the_row_after_exact_budget(
+    tmp_path: Path,
+) -> None:
+    """A row whose every POST is reset gets exactly 1 + max_retries POSTs, then a `failed`
+    line (one row alone failing is the row's trouble, not an outage)."""
+    manifest = make_archive(tmp_path / "a", 1, seed=2)
     async with emulator(reset_before_body_rate=1.0) as emu:
         res, _ = await run_engine(emu.base_url, manifest, tmp_path / "out.jsonl", max_retries=2)
         stats = emu.stats()
-    assert stats["submissions"] == 4 * 3 and stats["polls"] == 0
+    assert stats["submissions"] == 1 * 3 and stats["polls"] == 0
     assert stats["runs_created"] == 0
     lines = one_line_each(tmp_path / "out.jsonl", manifest_folders(manifest))
     assert {r["status"] for r in lines.values()} == {"failed"}
     assert {r["error"]["kind"] for r in lines.values()} == {"ambiguous_submit"}
     assert res.exit_code == 2
+
+
+async def test_reset_before_body_for_every_row_is_an_outage_not_failed_rows(
+    tmp_path: Path,
+) -> None:
+    """Every POST of every row reset: the API is down. Each row stays within 1 + max_retries
+    POSTs, no row is failed for it, and the run stops (exit 1) for a rerun to resume."""
+    manifest = make_archive(tmp_path / "a", 4, seed=2)
+    async with emulator(reset_before_body_rate=1.0) as emu:
+        res, _ = await run_engine(emu.base_url, manifest, tmp_path / "out.jsonl", max_retries=2,
+                                  outage_after=0.05, retry_base=0.05, retry_cap=0.1)
+        stats = emu.stats()
+    assert stats["submissions"] <= 4 * 3 and stats["runs_created"] == 0
+    assert read_lines(tmp_path / "out.jsonl") == []
+    assert res.exit_code == 1 and "unhealthy" in str(res.error)
 
 
 async def test_resets_through_the_proxy_on_both_endpoints(tmp_path: Path) -> None:
@@ -218,16 +236,16 @@ async def test_stalls_past_the_client_timeout_are_retried(tmp_path: Path) -> Non
 
 
 async def test_stall_every_time_gives_up_after_exact_budget(tmp_path: Path) -> None:
-    """Every call stalls: each row tries 1 + max_retries times, then fails with kind timeout."""
-    manifest = make_archive(tmp_path / "a", 3, seed=7)
+    """Every call stalls: the row tries 1 + max_retries times, then fails with kind timeout."""
+    manifest = make_archive(tmp_path / "a", 1, seed=7)
     async with emulator(stall_rate=1.0, stall_seconds=5.0) as emu:
         res, _ = await run_engine(emu.base_url, manifest, tmp_path / "out.jsonl",
                                   submit_timeout=0.3, max_retries=1)
         stats = emu.stats()
     lines = one_line_each(tmp_path / "out.jsonl", manifest_folders(manifest))
     assert {(r["status"], r["error"]["kind"]) for r in lines.values()} == {("failed", "timeout")}
-    # Two attempts per row, both with the same Idempotency-Key: one run and one replay each.
-    assert stats["runs_created"] == 3 and stats["idempotent_replays"] == 3
+    # Two attempts, both with the same Idempotency-Key: one run and one replay.
+    assert stats["runs_created"] == 1 and stats["idempotent_replays"] == 1
     assert res.exit_code == 2
 
 
@@ -246,7 +264,7 @@ async def test_slow_trickle_responses_complete(tmp_path: Path) -> None:
 
 async def test_trickle_slower_than_the_timeout_is_a_timeout(tmp_path: Path) -> None:
     """An answer trickling past submit_timeout: retried within budget, then failed (timeout)."""
-    manifest = make_archive(tmp_path / "a", 3, seed=9)
+    manifest = make_archive(tmp_path / "a", 1, seed=9)
     async with emulator() as emu, FaultProxy("127.0.0.1", port_of(emu), lambda n: Fault.TRICKLE,
                                               trickle_bytes=1, trickle_delay=0.02) as proxy:
         res, _ = await run_engine(proxy.base_url, manifest, tmp_path / "out.jsonl",
@@ -254,8 +272,8 @@ async def test_trickle_slower_than_the_timeout_is_a_timeout(tmp_path: Path) -> N
         stats = emu.stats()
     lines = one_line_each(tmp_path / "out.jsonl", manifest_folders(manifest))
     assert {(r["status"], r["error"]["kind"]) for r in lines.values()} == {("failed", "timeout")}
-    assert proxy.requests == 6
-    assert stats["runs_created"] == 3 and stats["idempotent_replays"] == 3
+    assert proxy.requests == 2
+    assert stats["runs_created"] == 1 and stats["idempotent_replays"] == 1
     assert res.exit_code == 2
 
 
