@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,16 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from bulk_engine.cli import main, run_engine
+from bulk_engine.cli import main
 from bulk_engine.emulator import EmulatorConfig, run_emulator
 from bulk_engine.engine import Engine
 from bulk_engine.logs import reset_logging
+from bulk_engine.runner import run_engine
+from bulk_engine.vocab import ExitCode
 
 from archive_factory import make_archive
 from conftest import API_KEY, engine_settings, read_lines
+from procs import child_env
 
 pytestmark = pytest.mark.timeout(30)
 FAST = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.03), seed=1)
@@ -132,6 +138,138 @@ def test_unknown_environment_variable_is_warned(
         ("unknown_environment_variable", "BULK_ENGINE_CONCURENCY")]
 
 
+# ---- one parser, every command -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "prog", "message"), [
+    (["demo", "--bogus"], "bulk-engine demo", "unrecognized arguments: --bogus"),
+    (["bench", "--bogus"], "bulk-engine bench", "unrecognized arguments: --bogus"),
+    (["report", "--bogus"], "bulk-engine report", "required: results"),
+    (["run", "m.csv", "--bogus"], "bulk-engine", "unrecognized arguments: --bogus"),
+    (["m.csv", "extra.csv"], "bulk-engine", "unrecognized arguments: extra.csv"),
+    (["demo", "--folders", "0"], "bulk-engine demo", "must be at least 1, got 0"),
+    (["demo", "--rate-limit", "fast"], "bulk-engine demo", "--rate-limit: invalid"),
+    (["bench", "--processing-time", "5:1"], "bulk-engine bench", "need 0 <= MIN <= MAX"),
+    (["bench", "--concurrency", "0,2"], "bulk-engine bench", "must be positive"),
+    (["bench", "--rates", "ten"], "bulk-engine bench", "--rates: invalid"),
+])
+def test_every_command_usage_error_exits_1_with_its_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], prog: str, message: str,
+) -> None:
+    """A usage error of any command exits 1 (never argparse's 2), with that command's usage."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("folder\nx\n")
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert err.startswith(f"usage: {prog} "), err
+    assert message in err and f"(see {prog} --help)" in err, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.csv"]  # nothing was started
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_python_m_usage_error_exits_1(tmp_path: Path, command: str) -> None:
+    """`python -m bulk_engine demo --bogus` (and bench) exit 1, as the contract says."""
+    proc = subprocess.run([sys.executable, "-m", "bulk_engine", command, "--bogus"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=child_env())
+    assert proc.returncode == 1, proc.stderr
+    assert f"usage: bulk-engine {command}" in proc.stderr
+    assert "unrecognized arguments: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("command", "wants"), [
+    ("run", ["usage: bulk-engine [run] [MANIFEST.csv | --root DIR]", "commands:", "demo, report,"
+             " bench", "--dry-run", "examples:"]),
+    ("demo", ["usage: bulk-engine demo", "--folders", "--dir", "no key, no network"]),
+    ("report", ["usage: bulk-engine report", "results", "--failed-manifest", "--chart",
+                "examples:"]),
+    ("bench", ["usage: bulk-engine bench", "--concurrency", "--rates", "--processing-time",
+               "recommend"]),
+])
+def test_every_command_has_a_useful_help(
+    capsys: pytest.CaptureFixture[str], command: str, wants: list[str]
+) -> None:
+    """`COMMAND --help` exits 0 and shows that command's usage, options and description."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert [w for w in wants if w not in out] == []
+
+
+def _plan_of(argv: list[str], plan_json: Path) -> dict[str, Any]:
+    code = main([*argv, "--stats-json", str(plan_json)])
+    assert code in (0, 2)
+    return json.loads(plan_json.read_text())  # type: ignore[no-any-return]
+
+
+def test_run_is_implied_or_explicit(tmp_path: Path) -> None:
+    """`bulk-engine run M.csv` is `bulk-engine M.csv`."""
+    manifest = make_archive(tmp_path / "a", 4, seed=5)
+    base = ["--dry-run", "--output", str(tmp_path / "o.jsonl")]
+    implied = _plan_of([str(manifest), *base], tmp_path / "p1.json")
+    explicit = _plan_of(["run", str(manifest), *base], tmp_path / "p2.json")
+    assert implied == explicit and implied["rows_to_submit"] == 4
+
+
+@pytest.mark.parametrize("name", ["demo", "report", "bench", "run"])
+def test_a_manifest_named_like_a_command_is_still_a_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A file literally named `demo` (report, bench, run) in the cwd is the manifest, as before."""
+    manifest = make_archive(tmp_path, 3, seed=6)
+    manifest.rename(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    plan = _plan_of([name, "--dry-run", "--output", "o.jsonl"], tmp_path / "plan.json")
+    assert plan["rows_read"] == 3 and plan["rows_to_submit"] == 3
+
+
+# ---- paths that cannot be written --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "name", "dry_run"), [
+    ("--stats-json", "stats_json", True),
+    ("--stats-json", "stats_json", False),
+    ("--log-file", "log_file", True),
+    ("--output", "output", True),
+    ("--output", "output", False),
+    ("--journal", "journal", True),
+])
+def test_a_directory_as_a_file_path_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    no_network: socket.socket, flag: str, name: str, dry_run: bool,
+) -> None:
+    """--stats-json/--log-file/--output/--journal naming a directory: exit 1 naming it, no
+    traceback, nothing done (the dry run as well as the real run)."""
+    manifest = make_archive(tmp_path / "a", 2, seed=7)
+    target = tmp_path / "a-directory"
+    target.mkdir()
+    monkeypatch.setenv("BULK_ENGINE_API_KEY", API_KEY)
+    port = no_network.getsockname()[1]
+    argv = [str(manifest), "--base-url", f"http://127.0.0.1:{port}", "--no-progress"]
+    if flag != "--output":
+        argv += ["--output", str(tmp_path / "o.jsonl")]
+    argv += [flag, str(target)] + (["--dry-run"] if dry_run else [])
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert f"{name}: {target} is a directory" in err.replace("\n", ""), err
+    assert "Traceback" not in err and "IsADirectoryError" not in err
+    assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-directory"]
+
+
+def test_run_engine_refuses_a_directory_as_stats_json(tmp_path: Path) -> None:
+    """The runner checks the paths itself (for the demo, bench and library callers)."""
+    manifest = make_archive(tmp_path / "a", 1, seed=8)
+    buf = io.StringIO()
+    settings = engine_settings("http://127.0.0.1:9", tmp_path / "o.jsonl", stats_json=tmp_path)
+    code = asyncio.run(run_engine(settings, manifest, Console(file=buf, width=200)))
+    assert code == ExitCode.FATAL
+    assert f"stats_json: {tmp_path} is a directory" in buf.getvalue()
+    assert not (tmp_path / "o.jsonl").exists()
+
 # ---- --dry-run ------------------------------------------------------------------------------
 
 
@@ -237,14 +375,18 @@ async def test_run_prints_summary_writes_stats_json_and_logs(tmp_path: Path) -> 
 
 def test_readme_covers_every_flag_output_field_and_exit_code() -> None:
     """Each CLI flag, each output field and each exit code is in the README; it has Tuning."""
-    from bulk_engine.cli import build_parser
+    from bulk_engine.cli import build_parser, command_parsers
     from bulk_engine.models import Outcome
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    flags = [o for a in build_parser()._actions for o in a.option_strings if o != "-h"]
+    parsers = command_parsers(build_parser())
+    flags = [o for name in ("run", "report") for a in parsers[name]._actions
+             for o in a.option_strings if o not in ("-h", "--help")]
+    assert "--dry-run" in flags and "--failed-manifest" in flags
     assert [f for f in flags if f"`{f}" not in readme] == []
     fields = Outcome(key="k", line=1, id="i", folder="f", status="completed").to_json()
     assert [f for f in fields if f"`{f}`" not in readme] == []
     for code in ("0", "1", "2", "130"):
         assert f"| {code} |" in readme
     assert "## Tuning" in readme and "bulk_engine bench" in readme
+
