@@ -322,19 +322,23 @@ def test_dry_run_plans_and_sends_nothing(
 async def test_dry_run_counts_rows_already_done(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a run, a dry run of a longer manifest skips the done rows, as a rerun would."""
+    """After a run, a dry run of the manifest grown longer skips the done rows, as a rerun would.
+
+    (The same manifest file and API host: a journal of another manifest or host is refused, by
+    the run and the dry run alike, see test_dry_run_refuses_a_journal_of_another_run.)"""
     manifest = make_archive(tmp_path / "a", 30, seed=3)
-    lines = manifest.read_text().splitlines(keepends=True)
-    short = manifest.with_name("short.csv")
-    short.write_text("".join(lines[:11]))  # header + 10 rows
+    full = manifest.read_text()
+    manifest.write_text("".join(full.splitlines(keepends=True)[:11]))  # header + 10 rows
     out = tmp_path / "o.jsonl"
     async with run_emulator(FAST) as emu:
-        result = await Engine(engine_settings(emu.base_url, out), short).run()
+        result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+        base_url = emu.base_url
     assert result.exit_code == 0
+    manifest.write_text(full)  # 20 more rows since
     before = out.read_bytes()
     plan_json = tmp_path / "plan.json"
     assert main([str(manifest), "--dry-run", "--output", str(out), "--mode", "auto",
-                 "--stats-json", str(plan_json)]) == 0
+                 "--base-url", base_url, "--stats-json", str(plan_json)]) == 0
     plan = json.loads(plan_json.read_text())
     assert (plan["rows_already_done"], plan["rows_to_submit"], plan["sync_rows"]) == (10, 20, 20)
     assert plan["journal"] == "read"
@@ -342,6 +346,81 @@ async def test_dry_run_counts_rows_already_done(
     assert "(20 in sync mode)" in _err(capsys)
     assert out.read_bytes() == before  # the dry run wrote nothing
 
+
+
+def _state_files(folder: Path) -> dict[str, bytes]:
+    """The output, the journal and its lock, byte for byte. (A read-only SQLite connection may
+    add empty -wal/-shm files beside a WAL journal: SQLite's, not a change of the journal.)"""
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+
+def _run_once(manifest: Path, out: Path) -> tuple[str, int]:
+    """One engine run against a fresh emulator: (its base URL, the exit code)."""
+    async def go() -> tuple[str, int]:
+        async with run_emulator(FAST) as emu:
+            result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+            return emu.base_url, result.exit_code
+
+    return asyncio.run(go())
+
+
+def test_dry_run_refuses_a_journal_of_another_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the run would refuse the journal's settings, the dry run refuses them too, with the
+    run's own message, and exits 1 instead of counting "already done" rows; it writes nothing."""
+    manifest = make_archive(tmp_path / "a", 6, seed=9)
+    out = tmp_path / "o.jsonl"
+    base_url, code = _run_once(manifest, out)
+    assert code == 0
+    journal = Path(f"{out}.journal")
+    files = _state_files(tmp_path)
+    other = [str(manifest), "--output", str(out), "--base-url", base_url, "--use-case", "credit"]
+    assert main([*other, "--dry-run"]) == 1
+    dry_err = _err(capsys)
+    assert "belong to a different run" in dry_err and '"use_case": "credit"' in dry_err
+    assert "Dry run" not in dry_err
+    assert _state_files(tmp_path) == files
+    # The real run (no network needed: it stops at the journal) says the very same thing.
+    monkeypatch.setenv("BULK_ENGINE_API_KEY", API_KEY)
+    assert main([*other, "--no-progress", "--log-level", "error"]) == 1
+    assert _err(capsys).strip().splitlines()[-1] == dry_err.strip().splitlines()[-1]
+    # With the run's own settings, the dry run reads the journal as before.
+    plan = _plan_of([str(manifest), "--output", str(out), "--base-url", base_url, "--dry-run"],
+                    tmp_path / "plan.json")
+    assert (plan["rows_already_done"], plan["journal"]) == (6, "read")
+    assert journal.exists()
+
+
+def test_dry_run_counts_live_tokens_as_polls_not_uploads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row whose retrieve token an earlier run journaled is polled by the rerun, not uploaded:
+    the plan counts it "to poll (resumed token)"; a row caught mid-upload is to submit again."""
+    from bulk_engine.journal import Journal, settings_fingerprint, settings_summary
+    from bulk_engine.manifest import RowDefaults, iter_manifest
+    from bulk_engine.models import Job
+
+    manifest = make_archive(tmp_path / "a", 5, seed=10)
+    out = tmp_path / "o.jsonl"
+    settings = engine_settings("http://127.0.0.1:9", out)
+    jobs = [j for j in iter_manifest(manifest, defaults=RowDefaults.from_settings(settings),
+                                     max_file_size=1 << 30) if isinstance(j, Job)]
+    with Journal.open(settings.journal_path) as journal:
+        journal.check_settings(settings_fingerprint(settings, manifest),
+                               summary=settings_summary(settings, manifest))
+        for job in jobs[:3]:
+            journal.mark_submitting(job, 1)
+        journal.mark_submitted(jobs[0].key, "gAAAAA-live-token-0", None, 1.0)
+        journal.mark_submitted(jobs[1].key, "gAAAAA-live-token-1", None, 1.0)
+        journal.mark_done_many([(jobs[3].key, "completed")], 0)  # jobs[2]: still submitting
+    plan = _plan_of([str(manifest), "--output", str(out), "--base-url", "http://127.0.0.1:9",
+                     "--dry-run"], tmp_path / "plan.json")
+    assert (plan["rows_read"], plan["rows_already_done"], plan["rows_to_poll"],
+            plan["rows_to_submit"]) == (5, 1, 2, 2)
+    assert plan["api_calls"] == 2 * 2 + 2  # two uploads with their poll, two polls
+    assert "to poll (resumed token)" in _err(capsys)
 
 # ---- a full run -----------------------------------------------------------------------------
 
