@@ -80,7 +80,8 @@ examples:
 
 Folders in the output are as written in the original manifest (relative to its directory);
 the failed manifest gets absolute folders: from each line's `path`, else --base-dir, and with
---manifest every original column (use_case, payload...) is kept.
+--manifest every original column (use_case, payload...) is kept. Lines repeating a row already
+in the file (two runs appended to one output) are counted as `duplicate_lines`.
 """
 
 

@@ -184,7 +184,7 @@ def test_python_m_usage_error_exits_1(tmp_path: Path, command: str) -> None:
              " bench", "--dry-run", "examples:"]),
     ("demo", ["usage: bulk-engine demo", "--folders", "--dir", "no key, no network"]),
     ("report", ["usage: bulk-engine report", "results", "--failed-manifest", "--chart",
-                "examples:"]),
+                "examples:", "duplicate_lines"]),
     ("bench", ["usage: bulk-engine bench", "--concurrency", "--rates", "--processing-time",
                "recommend"]),
 ])
