@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from bulk_engine.vocab import ExitCode
 
 from archive_factory import make_archive
 from conftest import API_KEY, engine_settings, read_lines
-from procs import child_env
+from procs import child_env, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 FAST = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.03), seed=1)
@@ -469,3 +470,81 @@ def test_readme_covers_every_flag_output_field_and_exit_code() -> None:
         assert f"| {code} |" in readme
     assert "## Tuning" in readme and "bulk_engine bench" in readme
 
+
+# ---- Ctrl-C at any moment -------------------------------------------------------------------
+
+_IMPORT_LINE = "import time:"
+
+
+def _import_lines_after_package(log: Path) -> int:
+    """`-X importtime` lines written after the package's own import completed (-1: not yet)."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(_IMPORT_LINE) and line.rstrip().endswith("| bulk_engine"):
+            return sum(1 for x in lines[i + 1:] if x.startswith(_IMPORT_LINE))
+    return -1
+
+
+def _interrupt_at(moment: int | str, manifest: Path, url: str, listener: socket.socket,
+                  tmp_path: Path) -> tuple[int | str, int, str]:
+    """Start the CLI, SIGINT it at ``moment``; (moment, exit code, stderr without import lines).
+
+    ``moment``: that many import lines after the package's own, or "connected": once the run
+    has opened its first connection to ``listener``.
+    """
+    err_path = tmp_path / f"err-{moment}.log"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "bulk_engine", str(manifest),
+             "--output", str(tmp_path / f"o-{moment}.jsonl"), "--base-url", url,
+             "--no-progress", "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+            env=child_env(BULK_ENGINE_API_KEY=API_KEY),
+        )
+        try:
+            if moment == "connected":
+                conn, _ = listener.accept()  # the run is under way
+                conn.close()
+            else:
+                wait_for(lambda: (_import_lines_after_package(err_path) >= int(moment)
+                                  or proc.poll() is not None),
+                         timeout=60, what=f"{moment} imports")
+            assert proc.poll() is None, err_path.read_text()[-2000:]
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err_path.read_text(encoding="utf-8", errors="replace")
+    messages = "\n".join(x for x in text.splitlines() if not x.startswith(_IMPORT_LINE))
+    return moment, code, messages[-1500:]
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_at_any_early_moment_exits_130_without_traceback(tmp_path: Path) -> None:
+    """SIGINT during the imports (the first half second), the settings, or the run's start:
+    a short "interrupted" message and exit 130, never a KeyboardInterrupt traceback.
+
+    The moments are import milestones (`-X importtime` lines written after `bulk_engine` itself
+    is imported: from the first import of the CLI to the engine's), then the engine's first
+    connection. Earlier than the package (the interpreter's startup, `site`) no package code
+    runs yet. The API is a socket that accepts and never answers, so the run lasts until the
+    signal.
+    """
+    manifest = make_archive(tmp_path / "a", 3, seed=11)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(60)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        results = [_interrupt_at(moment, manifest, url, listener, tmp_path)
+                   for moment in (1, 25, 80, 160, 240, 330, "connected")]
+    finally:
+        listener.close()
+    for moment, code, messages in results:
+        assert code == 130, (moment, code, messages)
+        assert "Traceback" not in messages and "KeyboardInterrupt" not in messages, (
+            moment, messages)
+        assert "interrupted" in messages, (moment, messages)
