@@ -1,5 +1,5 @@
 """The package's public surface: `__all__` everywhere, typed lazy exports, no import cycles, and
-a user's script type-checked as a user would.
+the README's "Use from Python" example, run and type-checked as a user would.
 
 In the style of httpx's `tests/test_exported_members.py`: a module's `__all__` lists exactly its
 public names (every top-level def, class and assignment not starting with `_`; for a package's
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ import bulk_engine
 
 from procs import child_env
 
+REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(bulk_engine.__file__).resolve().parent
 # Module-level loggers (`log = get_logger()`) are plumbing, not API.
 NOT_API = frozenset({"log"})
@@ -212,6 +215,14 @@ def test_the_import_graph_has_no_cycle() -> None:
     assert "bulk_engine.runner" in graph["bulk_engine.bench"]
 
 
+def _readme_example() -> str:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Use from Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    assert blocks, "no ```python block under ## Use from Python"
+    return str(blocks[0])
+
+
 USER_SCRIPT = '''\
 """A user's script: the exports are fully typed (no Any, no object)."""
 from pathlib import Path
@@ -243,9 +254,10 @@ def fails() -> None:
 
 @pytest.mark.timeout(120)
 def test_a_user_script_passes_mypy_strict(tmp_path: Path) -> None:
-    """`mypy --strict` on a user's script: Engine, Settings and RunResult reach the user typed,
-    through the lazy exports."""
+    """`mypy --strict` on a user's script and on the README's example: Engine, Settings and
+    RunResult reach the user typed, through the lazy exports."""
     (tmp_path / "user_script.py").write_text(USER_SCRIPT, encoding="utf-8")
+    (tmp_path / "readme_example.py").write_text(_readme_example(), encoding="utf-8")
     # The package from this tree; third-party packages are not analysed (speed): the point is
     # bulk_engine's own annotations, which mypy reads in full.
     env = child_env(MYPYPATH=str(PACKAGE.parent))
@@ -253,8 +265,25 @@ def test_a_user_script_passes_mypy_strict(tmp_path: Path) -> None:
         [sys.executable, "-m", "mypy", "--strict", "--no-site-packages",
          "--ignore-missing-imports", "--follow-imports=silent", "--config-file", os.devnull,
          "--cache-dir", str(tmp_path / ".mypy_cache"), "--no-error-summary",
-         "user_script.py"],
+         "user_script.py", "readme_example.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=110, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
+
+@pytest.mark.timeout(90)
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    """The README's "Use from Python" block, run as a script: exit code 0, both rows completed,
+    one line each; run again, it resumes (nothing left to do)."""
+    script = tmp_path / "example.py"
+    script.write_text(_readme_example(), encoding="utf-8")
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=80, env=child_env())
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("exit code 0 "), proc.stdout
+    lines = [json.loads(x) for x in (tmp_path / "example" / "results.jsonl").read_text()
+             .splitlines()]
+    assert sorted((r["id"], r["status"]) for r in lines) == [
+        ("case-1", "completed"), ("case-2", "completed")]
+    assert "{'completed': 2}" not in proc.stdout  # the rerun had nothing left to do
