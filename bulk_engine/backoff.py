@@ -19,6 +19,13 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "RetryBudget",
+    "full_jitter",
+    "parse_retry_after",
+]
+
 #: ``Retry-After`` values are clamped to this many seconds. A 429 pauses every caller, polls
 #: included, and results expire 60 minutes after completion: one long pause must not let them
 #: expire. A server that still wants quiet says so again after five minutes.

@@ -25,12 +25,17 @@ import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bulk_engine.emulator.process import emulator_process
+from rich.console import Console
+
+from bulk_engine.errors import BulkEngineError, ConfigError
+from bulk_engine.runner import check_file_target, print_error
+from bulk_engine.vocab import ExitCode
+
+__all__ = ["BENCH_KEY", "Cell", "add_arguments", "plot", "recommend", "run", "run_cell"]
 
 BENCH_KEY = "bench-key-0123456789"
 
@@ -70,9 +75,9 @@ def _poll_bounds(ns: argparse.Namespace, processing: str) -> tuple[float, float]
 
 
 async def _run_engine(ns: argparse.Namespace, cell: Cell, base_url: str, manifest: Path,
-                      out: Path) -> tuple[float, Any]:
+                      out: Path, console: Console) -> tuple[float, ExitCode]:
     from bulk_engine.config import Settings
-    from bulk_engine.engine import Engine
+    from bulk_engine.runner import run_engine
 
     poll_min, poll_max = _poll_bounds(ns, cell.processing)
     settings = Settings(
@@ -82,12 +87,20 @@ async def _run_engine(ns: argparse.Namespace, cell: Cell, base_url: str, manifes
         **({"max_outstanding": ns.max_outstanding} if ns.max_outstanding else {}),
     )
     t0 = time.perf_counter()
-    result = await Engine(settings, manifest).run()
-    return time.perf_counter() - t0, result
+    code = await run_engine(settings, manifest, console, total_rows=ns.folders,
+                            summary=False)
+    return time.perf_counter() - t0, code
 
 
-def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path) -> Cell:
-    """Fresh emulator, one engine run, the cell's figures."""
+def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path,
+             console: Console | None = None) -> ExitCode:
+    """Fresh emulator, one engine run (through the CLI's runner), the cell's figures.
+
+    Returns the run's exit code: 130/143 when it was interrupted (the sweep stops there).
+    """
+    from bulk_engine.emulator.process import emulator_process
+
+    console = console or Console(stderr=True)
     low, high = _processing(cell.processing)
     flags = ["--processing-time", f"{low:g}:{high:g}",
              "--max-parallel-analyses", str(ns.max_parallel_analyses),
@@ -97,11 +110,11 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path) -> 
     for stale in (out, Path(f"{out}.journal")):
         stale.unlink(missing_ok=True)
     with emulator_process(flags, api_keys=BENCH_KEY, log_path=work / "emulator.log") as emu:
-        wall, result = asyncio.run(_run_engine(ns, cell, emu.base_url, manifest, out))
+        wall, code = asyncio.run(_run_engine(ns, cell, emu.base_url, manifest, out, console))
         stats = emu.stats()
     lat: list[float] = []
     polls = 0
-    with out.open("rb") as fh:
+    with contextlib.suppress(FileNotFoundError), out.open("rb") as fh:
         for line in fh:
             rec = json.loads(line)
             cell.folders += 1
@@ -115,52 +128,76 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path) -> 
     cell.polls_per_folder = round(polls / max(cell.folders, 1), 3)
     cell.throttled_429 = int(stats.get("rate_limited", 0))
     cell.p50_latency_s = round(lat[len(lat) // 2], 2) if lat else 0.0
-    del result
-    return cell
+    return code
 
 
 # ---- the sweep, its table, plot and recommendation ----------------------------------------------
 
 
+def _positive(kind: type[int] | type[float], text: str) -> int | float:
+    value = kind(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [float(_positive(float, x)) for x in text.split(",") if x.strip()]
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(_positive(int, x)) for x in text.split(",") if x.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bulk-engine bench", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _positive_int(text: str) -> int:
+    return int(_positive(int, text))
+
+
+def _positive_float(text: str) -> float:
+    return float(_positive(float, text))
+
+
+def _processings(text: str) -> list[str]:
+    """``MIN:MAX[,MIN:MAX...]``, each checked (a usage error, not a traceback)."""
+    values = [p.strip() for p in text.split(",") if p.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one MIN:MAX")
+    for value in values:
+        _processing(value)
+    return values
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep's options, on the ``bench`` subcommand's parser."""
+    p.description = __doc__
     a = p.add_argument
-    a("--rate-limit", type=float, default=20.0,
+    a("--rate-limit", type=_positive_float, default=20.0,
       help="your key's rate limit, calls/s over all endpoints (emulator; default 20)")
-    a("--max-parallel-analyses", type=int, default=10,
+    a("--max-parallel-analyses", type=_positive_int, default=10,
       help="analyses running at once per key (emulator; default 10, as documented)")
-    a("--server-burst", type=int, default=10, help="the emulator's token bucket (default 10)")
-    a("--processing-time", default="1:4",
+    a("--server-burst", type=_positive_int, default=10,
+      help="the emulator's token bucket (default 10)")
+    a("--processing-time", type=_processings, default=["1:4"],
       help="comma-separated MIN:MAX values, seconds per analysis (default 1:4)")
-    a("--folders", type=int, default=100, help="sample folders per cell (default 100)")
+    a("--folders", type=_positive_int, default=100, help="sample folders per cell (default 100)")
     a("--concurrency", type=_ints, default=[1, 2, 4, 8],
       help="comma-separated engine --concurrency values (default 1,2,4,8)")
     a("--rates", type=_floats, default=None,
       help="comma-separated engine --rate-limit values (default: 0.5, 0.75, 1 and 1.25 × the "
            "key's rate)")
-    a("--burst", type=int, default=10, help="engine --burst (default 10)")
-    a("--max-outstanding", type=int, default=None,
+    a("--burst", type=_positive_int, default=10, help="engine --burst (default 10)")
+    a("--max-outstanding", type=_positive_int, default=None,
       help="engine --max-outstanding (default: the engine's default)")
-    a("--poll-min", type=float, default=None, help="engine --poll-min (default: MIN processing)")
-    a("--poll-max", type=float, default=None, help="engine --poll-max (default: MAX processing)")
+    a("--poll-min", type=_positive_float, default=None,
+      help="engine --poll-min (default: MIN processing)")
+    a("--poll-max", type=_positive_float, default=None,
+      help="engine --poll-max (default: MAX processing)")
     a("--tolerance", type=float, default=0.05,
       help="a setting is 'as good' within this fraction of the best throughput (0.05)")
     a("--plot", type=Path, default=Path("bulk-engine-bench.png"), help="PNG path")
     a("--no-plot", action="store_true", help="do not draw the plot")
     a("--json", type=Path, help="also write every cell and the recommendation as JSON")
     a("--dir", type=Path, help="working directory (default: a temporary one)")
-    return p
 
 
 def recommend(cells: list[Cell], key_rate: float, tolerance: float) -> list[dict[str, Any]]:
@@ -219,21 +256,29 @@ def plot(cells: list[Cell], path: Path, key_rate: float) -> str:
     return f"plot saved to {path}"
 
 
-def main(argv: Sequence[str] = ()) -> int:
-    from rich.console import Console
+def run(ns: argparse.Namespace) -> ExitCode:
+    """Run the sweep for the parsed ``bench`` options: 0, 2 if a cell did not complete every
+    folder, 1 on bad paths, 130/143 when interrupted (the cells done so far are reported)."""
     from rich.table import Table
 
     from bulk_engine.logs import configure_logging
     from bulk_engine.sample import make_sample_archive
 
-    ns = build_parser().parse_args(list(argv))
     console = Console()
     if not console.is_terminal:
         console = Console(width=150)  # a file or a pipe: keep the table's columns whole
+    errors = Console(stderr=True)
+    try:
+        if not ns.no_plot:
+            check_file_target("--plot", ns.plot)
+        check_file_target("--json", ns.json)
+        if ns.dir is not None and ns.dir.exists() and not ns.dir.is_dir():
+            raise ConfigError(f"--dir {ns.dir} exists and is not a directory")
+    except BulkEngineError as exc:
+        print_error(errors, str(exc))
+        return ExitCode.FATAL
     configure_logging(level="error", fmt="console")
-    processings = [p.strip() for p in ns.processing_time.split(",") if p.strip()]
-    for p in processings:
-        _processing(p)
+    processings: list[str] = ns.processing_time
     rates = ns.rates or [round(ns.rate_limit * f, 3) for f in (0.5, 0.75, 1.0, 1.25)]
     grid = [Cell(p, r, c) for p in processings for r in rates for c in ns.concurrency]
     console.print(
@@ -243,14 +288,21 @@ def main(argv: Sequence[str] = ()) -> int:
         f"{', '.join(f'{r:g}' for r in rates)}; concurrency "
         f"{', '.join(map(str, ns.concurrency))})"
     )
+    stopped: ExitCode | None = None
+    total = len(grid)
     with contextlib.ExitStack() as stack:
         work = ns.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         work.mkdir(parents=True, exist_ok=True)
         manifest = make_sample_archive(work / "archive", ns.folders, seed=1)
         for i, cell in enumerate(grid, 1):
-            run_cell(ns, cell, manifest, work)
+            code = run_cell(ns, cell, manifest, work, errors)
+            if code in (ExitCode.INTERRUPTED, ExitCode.TERMINATED):
+                stopped = code
+                grid = grid[:i - 1]  # the interrupted cell measured nothing
+                console.print(f"interrupted: {len(grid)} of {total} cells measured")
+                break
             console.print(
-                f"[{i}/{len(grid)}] processing {cell.processing} rate {cell.rate:g} "
+                f"[{i}/{total}] processing {cell.processing} rate {cell.rate:g} "
                 f"concurrency {cell.concurrency}: {cell.folders_per_s:.2f} folders/s, "
                 f"{cell.polls_per_folder:.2f} polls/folder, {cell.throttled_429} × 429"
             )
@@ -272,7 +324,7 @@ def main(argv: Sequence[str] = ()) -> int:
                       f"{c.polls_per_folder:.2f}", str(c.throttled_429), f"{c.p50_latency_s:.2f}",
                       f"{c.completed}/{c.folders}")
     console.print(table)
-    if not ns.no_plot:
+    if not ns.no_plot and grid:
         console.print(plot(grid, ns.plot, ns.rate_limit))
     for r in recs:
         rec = r["recommended"]
@@ -288,4 +340,7 @@ def main(argv: Sequence[str] = ()) -> int:
         ns.json.write_text(json.dumps({"cells": [asdict(c) for c in grid],
                                        "recommendations": recs}, indent=2) + "\n")
         console.print(f"saved {ns.json}")
-    return 0 if all(c.completed == c.folders for c in grid) else 2
+    if stopped is not None:
+        return stopped
+    return (ExitCode.OK if all(c.completed == c.folders for c in grid)
+            else ExitCode.SOME_FAILED)

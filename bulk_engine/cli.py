@@ -1,30 +1,45 @@
-"""Command line: ``python -m bulk_engine MANIFEST.csv [options]``, plus ``demo`` and ``report``.
+"""Command line: ``python -m bulk_engine [run] MANIFEST.csv [options]``, ``demo``, ``report``,
+``bench``.
+
+One parser with one subcommand per entry of :data:`COMMANDS`; ``run`` is implied when the first
+argument names no command (``python -m bulk_engine manifest.csv`` as ever; a file literally named
+``demo``, ``report``, ``bench`` or ``run`` in the current directory is still a manifest). A new
+command is one more ``Command`` (its options and its handler) in that table.
 
 Settings come from CLI > environment (``BULK_ENGINE_*``) > ``--config`` TOML > defaults. Exit
-codes: 0 every row completed; 2 finished but some rows failed; 1 fatal (config, auth, I/O);
-130 interrupted by Ctrl-C (143 by SIGTERM); the state is saved and a rerun resumes.
+codes (``vocab.ExitCode``): 0 every row completed; 2 finished but some rows failed; 1 fatal
+(config, usage, auth, I/O) — a usage error of any command is 1, never argparse's 2; 130
+interrupted by Ctrl-C (143 by SIGTERM); the state is saved and a rerun resumes. The run itself
+goes through ``runner.run_engine``, as the demo and bench do.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
 import sys
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
-from rich.markup import escape
 
 from bulk_engine.config import DEFAULT_BASE_URL, Settings, load_settings, unknown_env
-from bulk_engine.errors import BulkEngineError, ConfigError, first_error
-from bulk_engine.logs import Redactor, configure_logging, get_logger, redact
+from bulk_engine.errors import BulkEngineError, ConfigError
+from bulk_engine.logs import Redactor, configure_logging, get_logger
+from bulk_engine.runner import check_file_target, check_paths, print_error
+from bulk_engine.vocab import ExitCode
+
+__all__ = [
+    "COMMANDS",
+    "EXAMPLES",
+    "Command",
+    "build_parser",
+    "command_parsers",
+    "main",
+]
 
 EXAMPLES = """\
 examples:
@@ -47,29 +62,68 @@ exit codes: 0 all completed, 2 some rows failed, 1 fatal error (bad settings or 
   I/O), 130 interrupted by Ctrl-C, 143 by SIGTERM (state saved: rerun the same command to resume)
 """
 
-SUBCOMMANDS = ("demo", "report", "bench")
+_RUN_DESCRIPTION = """\
+Backfill folders of documents through the Case Analysis API: one manifest row per folder, one
+JSONL line per row, crash-safe resume.
+
+commands: run (the default: `bulk-engine run MANIFEST.csv` is `bulk-engine MANIFEST.csv`),
+  demo, report, bench; `bulk-engine COMMAND --help` shows each one's options.
+"""
+
+_REPORT_EPILOG = """\
+examples:
+  python -m bulk_engine report results.jsonl
+  python -m bulk_engine report results.jsonl --json > summary.json
+  python -m bulk_engine report results.jsonl --failed-manifest failed.csv --manifest manifest.csv
+  python -m bulk_engine failed.csv --output rerun.jsonl         # then rerun the failed rows
+  python -m bulk_engine report results.jsonl --chart run.png    # needs bulk-engine[plot]
+
+Folders in the output are as written in the original manifest (relative to its directory);
+the failed manifest gets absolute folders: from each line's `path`, else --base-dir, and with
+--manifest every original column (use_case, payload...) is kept. Lines repeating a row already
+in the file (two runs appended to one output) are counted as `duplicate_lines`.
+"""
+
+
+class _UsageError(ConfigError):
+    """A command line argparse cannot parse; carries the command's one-line usage."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors are configuration errors: exit 1, since 2 means "some rows failed"."""
 
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+        raise _UsageError(f"{message} (see {self.prog} --help)", self.format_usage().strip())
 
 
-def _error(console: Console, message: str) -> None:
-    """Print an error line: secrets redacted, brackets in paths not taken for markup."""
-    console.print(f"[red]error:[/] {escape(redact(message))}", highlight=False, soft_wrap=True)
+# ---- the commands ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="bulk-engine",
-        description="Backfill folders of documents through the Case Analysis API: one manifest "
-                    "row per folder, one JSONL line per row, crash-safe resume.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand: its one-line help, its options, and the handler that runs it.
+
+    ``add_arguments`` fills the command's parser (options, description, epilog); ``run`` gets
+    the parsed options and the raw arguments (to redact a key given on the command line before
+    logging is set up) and returns the exit code.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Sequence[str]], int]
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    # Its usage is the program's: `bulk-engine MANIFEST.csv`, `run` implied.
+    p.prog = "bulk-engine"
+    p.usage = "%(prog)s [run] [MANIFEST.csv | --root DIR] [options]"
+    p.description = _RUN_DESCRIPTION
+    p.epilog = EXAMPLES
     p.add_argument("manifest", nargs="?", type=Path,
                    help="CSV with a `folder` column (and optional id, use_case, analyse_type, "
                         "payload); relative folders resolve against the manifest's directory")
@@ -120,35 +174,30 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--log-format console)")
     a("--stats-json", type=Path, help="also write the end-of-run summary (or the --dry-run "
                                       "plan) as JSON here")
-    return p
 
 
-def _cli_settings(ns: argparse.Namespace) -> dict[str, Any]:
-    keys = [k for k in vars(ns) if k not in ("manifest", "config")]
-    return {k: getattr(ns, k) for k in keys}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS and not Path(argv[0]).exists():
-        if argv[0] == "demo":
-            from bulk_engine.demo import main as demo_main
-
-            return demo_main(argv[1:])
-        if argv[0] == "bench":
-            from bulk_engine.bench import main as bench_main
-
-            return bench_main(argv[1:])
-        return report_main(argv[1:])
-    console = Console(stderr=True)
-    # Until logging is configured, redact the key as the user gave it (argv or environment).
-    early = Redactor([
+def _early_redactor(argv: Sequence[str]) -> Redactor:
+    """Until logging is configured, redact the key as the user gave it (argv or environment)."""
+    return Redactor([
         os.environ.get("BULK_ENGINE_API_KEY", ""),
         *(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--api-key"),
         *(a.split("=", 1)[1] for a in argv if a.startswith("--api-key=")),
     ])
+
+
+def _cli_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(ns).items() if k not in ("command", "manifest", "config")}
+
+
+def _run(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``bulk-engine [run] MANIFEST.csv``: settings, checks, then the dry run or the run."""
+    import asyncio
+
+    from bulk_engine.runner import run_engine
+
+    console = Console(stderr=True)
+    early = _early_redactor(argv)
     try:
-        ns = build_parser().parse_args(argv)
         settings = load_settings(cli=_cli_settings(ns), config_file=ns.config)
         if ns.manifest is None and settings.root is None:
             raise ConfigError("give a manifest CSV (or --root DIR); see --help")
@@ -156,18 +205,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("give a manifest CSV or --root DIR, not both")
         if ns.manifest is not None and not ns.manifest.is_file():
             raise ConfigError(f"manifest {ns.manifest} does not exist or is not a file")
-        for name in ("stats_json", "log_file"):
-            path = getattr(settings, name)
-            if path is not None and not path.parent.is_dir():
-                raise ConfigError(f"{name}: directory {path.parent} does not exist")
+        # Every path the run (or the dry run) writes, before any work: a directory given as
+        # --stats-json must not surface as a traceback after the run.
+        check_paths(settings)
         configure_logging(level=settings.log_level, fmt=settings.log_format,
                           log_file=settings.log_file, secrets=[settings.api_key or ""])
     except BulkEngineError as exc:
-        _error(console, early.redact_text(str(exc)))
-        return 1
+        print_error(console, early.redact_text(str(exc)))
+        return ExitCode.FATAL
     except OSError as exc:  # the log file cannot be opened
-        _error(console, early.redact_text(f"cannot open log file: {exc}"))
-        return 1
+        print_error(console, early.redact_text(f"cannot open log file: {exc}"))
+        return ExitCode.FATAL
     log = get_logger()
     if ns.api_key:
         log.warning("api_key_on_command_line",
@@ -192,112 +240,10 @@ def _warn_plain_http(settings: Settings) -> None:
                              hint="the API key would travel unencrypted; use https://")
 
 
-async def run_engine(settings: Settings, manifest: Path | None, console: Console,
-                     *, total_rows: int | None = None) -> int:
-    """Run the engine with progress and signal handling; print the summary; return exit code."""
-    import anyio
-
-    from bulk_engine.engine import Engine
-    from bulk_engine.progress import RowCounter, show_progress
-    from bulk_engine.report import render_summary
-
-    log = get_logger()
-    try:
-        engine = Engine(settings, manifest)
-    except BulkEngineError as err:
-        _error(console, str(err))
-        return 1
-    loop = asyncio.get_running_loop()
-    # aiohttp reads upload files in the loop's default executor, which DNS lookups share; the
-    # stock pool (cores + 4 threads) would queue reads behind each other at high concurrency.
-    loop.set_default_executor(
-        ThreadPoolExecutor(max_workers=settings.concurrency + 8, thread_name_prefix="be-io")
-    )
-    signals_seen: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        signals_seen.append(signum)
-        if len(signals_seen) > 1:
-            # Second signal: leave now. Output and journal stay consistent (append-only
-            # output with tail repair; SQLite WAL), so the rerun resumes.
-            os._exit(128 + signum)
-        log.warning("interrupted", signal=signal.Signals(signum).name,
-                    hint="saving state; press Ctrl-C again to quit at once")
-        engine.interrupt()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    live = settings.progress and console.is_terminal
-    progress = partial(
-        show_progress, engine, live=live, total_rows=total_rows, console=console,
-        interval=None if live else settings.status_interval, rate_limit=settings.rate_limit,
-        counter=RowCounter.for_source(manifest, settings.root) if total_rows is None else None,
-    )
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(progress)
-            try:
-                result = await engine.run()
-            finally:
-                tg.cancel_scope.cancel()
-    except Exception as group:
-        # The task group wraps what engine.run raised (ConfigError from the journal check,
-        # OSError, or a bug) in an ExceptionGroup: take the error out of it.
-        exc = (first_error(group, (BulkEngineError, OSError))
-               or first_error(group, (BaseException,)) or group)
-        if not isinstance(exc, (BulkEngineError, OSError)):
-            # A bug: its traceback goes to the log (no frame locals, secrets redacted), never
-            # raw to the terminal, where an exception's text could carry the key.
-            log.error("crashed", exc_info=exc)
-            exc = RuntimeError(f"internal error ({type(exc).__name__}: {exc}); the state is "
-                               "saved, a rerun resumes; please report this with the log")
-        _error(console, str(exc))
-        return 1
-    # The signal handlers stay installed until asyncio.run closes the loop (which removes them):
-    # removed here, a second Ctrl-C while the summary prints would raise KeyboardInterrupt with
-    # a traceback instead of leaving at once.
-    summary = result.summary.to_json()
-    render_summary(summary, console)
-    if not console.is_terminal:  # logs read by machines: the summary as one event too
-        log.info("run_summary", **summary)
-    if settings.stats_json is not None:
-        try:
-            settings.stats_json.write_text(json.dumps(summary, indent=2) + "\n",
-                                           encoding="utf-8")
-        except OSError as write_error:
-            _error(console, f"cannot write --stats-json: {write_error}")
-            return 1
-    if result.error is not None:
-        _error(console, str(result.error))
-        return getattr(result.error, "exit_code", 1)
-    if result.interrupted:
-        console.print("interrupted: state saved; rerun the same command to resume")
-        return 143 if signals_seen and signals_seen[0] == signal.SIGTERM else 130
-    return result.exit_code
-
-
-def report_main(argv: Sequence[str]) -> int:
-    """``python -m bulk_engine report results.jsonl [--failed-manifest F] [--chart PNG] ...``."""
-    from bulk_engine.report import read_results, render_summary, write_chart, write_failed_manifest
-
-    p = _Parser(
-        prog="bulk-engine report",
-        description="Summarize an output file (partial and torn files too), write a manifest "
-                    "of the failed rows ready to rerun, draw a chart.",
-        epilog="""\
-examples:
-  python -m bulk_engine report results.jsonl
-  python -m bulk_engine report results.jsonl --json > summary.json
-  python -m bulk_engine report results.jsonl --failed-manifest failed.csv --manifest manifest.csv
-  python -m bulk_engine failed.csv --output rerun.jsonl         # then rerun the failed rows
-  python -m bulk_engine report results.jsonl --chart run.png    # needs bulk-engine[plot]
-
-Folders in the output are as written in the original manifest (relative to its directory);
-the failed manifest gets absolute folders: from each line's `path`, else --base-dir, and with
---manifest every original column (use_case, payload...) is kept.
-""",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _report_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Summarize an output file (partial and torn files too), write a manifest "
+                     "of the failed rows ready to rerun, draw a chart.")
+    p.epilog = _REPORT_EPILOG
     p.add_argument("results", type=Path, help="a JSONL output file")
     p.add_argument("--failed-manifest", type=Path, metavar="CSV",
                    help="write a manifest of the failed rows (absolute folders) here")
@@ -310,13 +256,21 @@ the failed manifest gets absolute folders: from each line's `path`, else --base-
                    help="draw throughput over time and the latency histogram (matplotlib)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--stats-json", type=Path, metavar="PATH", help="write the summary as JSON")
+
+
+def _report(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``python -m bulk_engine report results.jsonl [--failed-manifest F] [--chart PNG] ...``."""
+    from bulk_engine.report import read_results, render_summary, write_chart, write_failed_manifest
+
     console = Console(stderr=True)
     try:
-        ns = p.parse_args(list(argv))
         if not ns.results.is_file():
             raise ConfigError(f"{ns.results} does not exist or is not a file")
         if ns.manifest is not None and ns.failed_manifest is None:
             raise ConfigError("--manifest is used with --failed-manifest")
+        check_file_target("--stats-json", ns.stats_json)
+        check_file_target("--failed-manifest", ns.failed_manifest, parent_must_exist=False)
+        check_file_target("--chart", ns.chart, parent_must_exist=False)
         rep = read_results(ns.results)
         summary = rep.to_json()
         if ns.failed_manifest is not None:
@@ -327,12 +281,9 @@ the failed manifest gets absolute folders: from each line's `path`, else --base-
             write_chart(rep.summary, ns.chart, title=f"bulk_engine: {ns.results.name}")
         if ns.stats_json is not None:
             ns.stats_json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    except BulkEngineError as exc:
-        _error(console, str(exc))
-        return 1
-    except OSError as exc:
-        _error(console, str(exc))
-        return 1
+    except (BulkEngineError, OSError) as exc:
+        print_error(console, str(exc))
+        return ExitCode.FATAL
     if ns.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -353,4 +304,105 @@ the failed manifest gets absolute folders: from each line's `path`, else --base-
                           highlight=False)
     if ns.chart is not None:
         console.print(f"chart: {ns.chart}", highlight=False)
-    return 0
+    return ExitCode.OK
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from bulk_engine.demo import add_arguments
+
+    add_arguments(p)
+
+
+def _demo(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bulk_engine.demo import run
+
+    return run(ns)
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from bulk_engine.bench import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    from bulk_engine.bench import run
+
+    return run(ns)
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command("run", "backfill an archive: one manifest row per folder (the default)",
+                _run_arguments, _run),
+        Command("demo", "a sample archive, the emulator in-process, a full run",
+                _demo_arguments, _demo),
+        Command("report", "summarize an output file; a manifest of its failed rows; a chart",
+                _report_arguments, _report),
+        Command("bench", "sweep concurrency × rate against an emulator; recommend settings",
+                _bench_arguments, _bench),
+    )
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's one parser: a subparser per entry of :data:`COMMANDS`."""
+    parser = _Parser(
+        prog="bulk-engine",
+        description="Backfill folders of documents through the Case Analysis API.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_Parser)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.add_arguments(p)
+        p.set_defaults(command=cmd.name)
+    return parser
+
+
+def command_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands' parsers of :func:`build_parser`'s parser, by command name."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise ValueError("not a parser with subcommands")
+
+
+def _with_command(argv: list[str]) -> list[str]:
+    """``run`` is implied unless the first argument names a command; a file of that name in the
+    current directory is still a manifest, as it was before there were subcommands."""
+    if argv and argv[0] in COMMANDS and not Path(argv[0]).exists():
+        return argv
+    return ["run", *argv]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bulk_engine``: parse, run the command, return its exit code.
+
+    Ctrl-C before the run's own handlers are in place (settings, a long dry run) or after they
+    are gone is a short message and 130, never a traceback.
+    """
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted (Ctrl-C)\n")
+        return ExitCode.INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
+    argv = _with_command(argv)
+    parser = build_parser()
+    try:
+        ns, extras = parser.parse_known_args(argv)
+        if extras:
+            command_parsers(parser)[ns.command].error(
+                f"unrecognized arguments: {' '.join(extras)}")
+    except _UsageError as exc:
+        console = Console(stderr=True)
+        redactor = _early_redactor(argv)
+        console.print(redactor.redact_text(exc.usage), highlight=False, markup=False)
+        print_error(console, redactor.redact_text(str(exc)))
+        return ExitCode.FATAL
+    return COMMANDS[ns.command].run(ns, argv)

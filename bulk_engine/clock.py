@@ -13,6 +13,12 @@ import itertools
 import time
 from typing import Protocol
 
+__all__ = [
+    "Clock",
+    "FakeClock",
+    "MonotonicClock",
+]
+
 
 class Clock(Protocol):
     """A source of monotonic time in seconds, and a way to wait on it."""

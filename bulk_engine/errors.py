@@ -21,6 +21,20 @@ No exception text ever carries the API key or request headers.
 
 from __future__ import annotations
 
+__all__ = [
+    "AmbiguousSubmitError",
+    "ApiError",
+    "AuthError",
+    "BulkEngineError",
+    "ConfigError",
+    "FatalRunError",
+    "ManifestError",
+    "MassFailureError",
+    "PermanentError",
+    "TransientError",
+    "first_error",
+]
+
 
 class BulkEngineError(Exception):
     """Base class of every error bulk_engine raises on purpose."""

@@ -25,6 +25,18 @@ from typing import Any, TextIO
 
 import structlog
 
+__all__ = [
+    "REDACTED",
+    "TOKEN_KEEP",
+    "TOKEN_RE",
+    "Redactor",
+    "configure_logging",
+    "get_logger",
+    "redact",
+    "reset_logging",
+    "short_token",
+]
+
 TOKEN_RE = re.compile(r"gAAAAA[A-Za-z0-9_\-=]{8,}")
 TOKEN_KEEP = 12
 REDACTED = "[REDACTED]"

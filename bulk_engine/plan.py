@@ -1,19 +1,24 @@
 """``--dry-run``: read the manifest, check every row and folder, print the plan, send nothing.
 
-Runs the producer exactly as a real run would (same checks, same ``BadRow`` kinds), against the
-journal read-only when one exists, so "already done" is what a rerun would skip. No network, no
-API key, no writes (the duplicate-id check uses a throw-away SQLite file, not memory).
+Runs the producer exactly as a real run would (the same ``rules.row_stream``, the same checks and
+``BadRow`` kinds, the same ``rules.goes_sync``), against the journal read-only when one exists:
+the journal's settings check is applied as the run applies it (a journal of another run is
+refused with the run's message), "already done" is what a rerun would skip and rows whose
+retrieve token is still live are counted as polls, not uploads. No network, no API key, no
+writes (the duplicate-id check of a new output uses a throw-away SQLite file, not memory).
 
-Exit code: 0 every row can be submitted; 2 some rows would fail (listed); 1 the manifest or
-settings are unusable.
+Exit code: 0 every row can be submitted; 2 some rows would fail (listed); 1 the manifest, the
+settings or the journal are unusable.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +28,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from bulk_engine.config import Settings
-from bulk_engine.errors import BulkEngineError
-from bulk_engine.journal import JournalReader
+from bulk_engine.errors import BulkEngineError, ConfigError
+from bulk_engine.journal import Journal, JournalReader, settings_fingerprint, settings_summary
 from bulk_engine.logs import redact
-from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root
-from bulk_engine.models import BadRow, Job
+from bulk_engine.manifest import ProducerStats
+from bulk_engine.models import BadRow
 from bulk_engine.progress import fmt_bytes, fmt_duration
+from bulk_engine.rules import goes_sync, row_stream, scratch_seen
+from bulk_engine.runner import print_error
+from bulk_engine.vocab import ExitCode, RowState
+
+__all__ = ["MAX_EXAMPLES", "Plan", "dry_run", "estimate", "make_plan", "render_plan"]
 
 MAX_EXAMPLES = 10
 
@@ -39,6 +49,7 @@ class Plan:
 
     rows_read: int = 0
     rows_to_submit: int = 0
+    rows_to_poll: int = 0  # a live retrieve token from an earlier run: polled, not uploaded
     rows_already_done: int = 0
     rows_rejected: int = 0
     rejected_by_kind: Counter[str] = field(default_factory=Counter)
@@ -53,6 +64,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "rows_read": self.rows_read, "rows_to_submit": self.rows_to_submit,
+            "rows_to_poll": self.rows_to_poll,
             "rows_already_done": self.rows_already_done, "rows_rejected": self.rows_rejected,
             "rejected_by_kind": dict(self.rejected_by_kind.most_common()), "files": self.files,
             "bytes": self.bytes, "largest_folder_bytes": self.largest_folder_bytes,
@@ -60,15 +72,16 @@ class Plan:
         }
 
 
-def estimate(s: Settings, async_rows: int, sync_rows: int) -> dict[str, Any]:
+def estimate(s: Settings, async_rows: int, sync_rows: int, poll_rows: int = 0) -> dict[str, Any]:
     """A lower bound on the run's duration at the configured limits (pure).
 
-    Async rows cost one submit and (the scheduler aims at it) one poll: 2 calls; sync rows 1.
-    A folder stays outstanding at least ``poll_min``, so ``max_outstanding`` bounds the pace too;
-    the last folders then wait ``poll_min`` for their poll. The API's own processing capacity is
-    not known here: measure it with ``python -m bulk_engine bench``.
+    Async rows cost one submit and (the scheduler aims at it) one poll: 2 calls; sync rows 1;
+    rows resumed with a live token at least one poll. A folder stays outstanding at least
+    ``poll_min``, so ``max_outstanding`` bounds the pace too; the last folders then wait
+    ``poll_min`` for their poll. The API's own processing capacity is not known here: measure it
+    with ``python -m bulk_engine bench``.
     """
-    calls = 2 * async_rows + sync_rows
+    calls = 2 * async_rows + sync_rows + poll_rows
     by_rate = calls / s.rate_limit
     by_outstanding = async_rows * s.poll_min / s.max_outstanding
     seconds = max(by_rate, by_outstanding) + (s.poll_min if async_rows else 0.0)
@@ -79,105 +92,110 @@ def estimate(s: Settings, async_rows: int, sync_rows: int) -> dict[str, Any]:
 
 
 def make_plan(settings: Settings, manifest: Path | None) -> Plan:
-    """Read every row as a run would and count; raises BulkEngineError if the source is unusable."""
+    """Read every row as a run would and count; raises BulkEngineError if the source, the
+    settings or the journal are unusable (the run would refuse them too)."""
     s = settings
     plan = Plan()
-    reader: JournalReader | None = None
-    if s.journal_path.exists():
-        try:
-            reader = JournalReader(s.journal_path)
-            reader.is_done("")  # fails here, not mid-way, if it is not a journal
-            plan.journal = "read"
-        except sqlite3.Error as exc:
-            if reader is not None:
-                reader.close()
-            reader = None
-            plan.journal = f"unreadable ({exc}): done rows not counted"
-    else:
-        plan.journal = "none"
-    scratch = _Seen() if reader is None else None
-    seen = reader.seen if reader is not None else scratch.seen if scratch is not None else None
-    try:
-        for item in _rows(s, manifest, seen, reader.is_done if reader else None, plan):
+    stats = ProducerStats()
+    with ExitStack() as stack:
+        reader = _open_journal(s, manifest, plan)
+        state: Callable[[str], str | None] | None = None
+        seen: Callable[[str], bool]
+        is_done: Callable[[str], bool] | None
+        if reader is not None:
+            stack.callback(reader.close)
+            seen, is_done, state = reader.seen, reader.is_done, reader.state
+        else:
+            seen, is_done = stack.enter_context(scratch_seen()), None
+        for item in row_stream(s, manifest, seen=seen, is_done=is_done, stats=stats):
             if isinstance(item, BadRow):
                 plan.rejected_by_kind[item.kind] += 1
                 if len(plan.examples) < MAX_EXAMPLES:
                     plan.examples.append(
                         f"line {item.line} ({item.id or 'no id'}): {item.kind}: {item.message}")
                 continue
+            if state is not None and state(item.key) == RowState.SUBMITTED:
+                # The run resumes its journaled token (polls it) instead of uploading again.
+                plan.rows_to_poll += 1
+                continue
             plan.rows_to_submit += 1
             plan.files += len(item.files)
             plan.bytes += item.total_bytes
             plan.largest_folder_bytes = max(plan.largest_folder_bytes, item.total_bytes)
-            if _goes_sync(s, item):
+            if goes_sync(s, item):
                 plan.sync_rows += 1
-    finally:
-        if reader is not None:
-            reader.close()
-        if scratch is not None:
-            scratch.close()
+    plan.rows_read = stats.rows_read
+    plan.rows_already_done = stats.rows_skipped_done
     plan.rows_rejected = sum(plan.rejected_by_kind.values())
-    plan.estimate = estimate(s, plan.rows_to_submit - plan.sync_rows, plan.sync_rows)
+    plan.estimate = estimate(s, plan.rows_to_submit - plan.sync_rows, plan.sync_rows,
+                             plan.rows_to_poll)
     return plan
 
 
-def _rows(s: Settings, manifest: Path | None, seen: Any, is_done: Any,
-          plan: Plan) -> Iterator[Job | BadRow]:
-    stats = ProducerStats()
-    defaults = RowDefaults(use_case=s.use_case, analyse_type=s.analyse_type, payload={})
-    common: dict[str, Any] = dict(defaults=defaults, max_file_size=s.max_file_size,
-                                  follow_symlinks=s.follow_symlinks, stats=stats, seen=seen,
-                                  is_done=is_done)
-    if manifest is None:
-        assert s.root is not None
-        yield from iter_root(s.root, **common)
-    else:
-        yield from iter_manifest(manifest, confine_to=s.confine_to, **common)
-    plan.rows_read = stats.rows_read
-    plan.rows_already_done = stats.rows_skipped_done
+def _open_journal(s: Settings, manifest: Path | None, plan: Plan) -> JournalReader | None:
+    """The journal, read-only, after the run's settings check; None if there is none (or it
+    cannot be read right now: then done rows are not counted, and ``plan.journal`` says why)."""
+    path = s.journal_path
+    if not path.exists():
+        plan.journal = "none"
+        return None
+    reader: JournalReader | None = None
+    try:
+        reader = JournalReader(path)
+        reader.is_done("")  # fails here, not mid-way, if it is not a journal
+        _check_settings(s, manifest)
+    except sqlite3.OperationalError as exc:  # locked, unreadable right now
+        if reader is not None:
+            reader.close()
+        plan.journal = f"unreadable ({exc}): done rows not counted"
+        return None
+    except sqlite3.DatabaseError as exc:
+        if reader is not None:
+            reader.close()
+        # Journal.open's words: the run would refuse this file.
+        raise ConfigError(f"{path} is not a bulk_engine journal ({exc}); "
+                          "use another --output or move the file away") from None
+    except BaseException:
+        if reader is not None:
+            reader.close()
+        raise
+    plan.journal = "read"
+    return reader
 
 
-def _goes_sync(s: Settings, job: Job) -> bool:
-    """The engine's ``mode=auto`` rule (``Engine._mode_for``)."""
-    if s.mode != "auto":
-        return s.mode == "sync"
-    return (tuple(job.analyse_type or s.analyse_type) == ("decision",)
-            and job.total_bytes <= s.auto_sync_max_bytes
-            and len(job.files) <= s.auto_sync_max_files)
+def _check_settings(s: Settings, manifest: Path | None) -> None:
+    """``Journal.check_settings`` as the run calls it, on a read-only connection: raises its
+    ConfigError when the journal belongs to another run. A journal that has no fingerprint yet
+    would get this run's, which refuses nothing; the dry run writes nothing, so it stops there."""
+    source = manifest if manifest is not None else s.root
+    assert source is not None
+    conn = sqlite3.connect(f"file:{s.journal_path}?mode=ro", uri=True, isolation_level=None)
+    journal = Journal(conn, s.journal_path)
+    try:
+        if journal.get_meta("settings_fingerprint") is None:
+            return
+        journal.check_settings(settings_fingerprint(s, source),
+                               summary=settings_summary(s, source))
+    finally:
+        journal.close()
 
 
-class _Seen:
-    """Ids seen so far, in a temporary SQLite file (flat memory for a million ids)."""
-
-    def __init__(self) -> None:
-        self._conn = sqlite3.connect("", isolation_level=None)  # "": a private temp file
-        self._conn.execute("CREATE TABLE seen (key TEXT PRIMARY KEY)")
-
-    def seen(self, key: str) -> bool:
-        cur = self._conn.execute("INSERT OR IGNORE INTO seen(key) VALUES (?)", (key,))
-        return cur.rowcount == 0
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-def dry_run(settings: Settings, manifest: Path | None, console: Console) -> int:
+def dry_run(settings: Settings, manifest: Path | None, console: Console) -> ExitCode:
     """Print rows, files, bytes, rows already done and an estimated duration; exit 0, 2 or 1."""
     try:
         plan = make_plan(settings, manifest)
-    except BulkEngineError as exc:
-        console.print(f"[red]error:[/] {redact(str(exc))}")
-        return 1
-    except OSError as exc:
-        console.print(f"[red]error:[/] {redact(str(exc))}")
-        return 1
+    except (BulkEngineError, OSError) as exc:
+        print_error(console, str(exc))
+        return ExitCode.FATAL
     render_plan(plan, settings, console)
     if settings.stats_json is not None:
-        import json
-
-        settings.stats_json.write_text(json.dumps(plan.to_json(), indent=2) + "\n",
-                                       encoding="utf-8")
-    return 2 if plan.rows_rejected else 0
+        try:
+            settings.stats_json.write_text(json.dumps(plan.to_json(), indent=2) + "\n",
+                                           encoding="utf-8")
+        except OSError as exc:
+            print_error(console, f"cannot write --stats-json {settings.stats_json}: {exc}")
+            return ExitCode.FATAL
+    return ExitCode.SOME_FAILED if plan.rows_rejected else ExitCode.OK
 
 
 def render_plan(plan: Plan, s: Settings, console: Console) -> None:
@@ -194,6 +212,9 @@ def render_plan(plan: Plan, s: Settings, console: Console) -> None:
     t.add_row("already done", done)
     t.add_row("to submit", f"[green]{plan.rows_to_submit}[/]"
               + (f" ({plan.sync_rows} in sync mode)" if s.mode == "auto" else ""))
+    if plan.rows_to_poll:
+        t.add_row("to poll (resumed token)",
+                  f"{plan.rows_to_poll} (submitted by an earlier run: polled, not uploaded)")
     rejected = f"[red]{plan.rows_rejected}[/]" if plan.rows_rejected else "0"
     if plan.rejected_by_kind:
         rejected += " (" + ", ".join(f"{k}: {v}" for k, v in

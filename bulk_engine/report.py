@@ -29,14 +29,32 @@ from rich.console import Console
 from rich.table import Table
 
 from bulk_engine.errors import ConfigError
+from bulk_engine.models import row_key
 from bulk_engine.progress import fmt_bytes
+from bulk_engine.rules import scratch_seen
 from bulk_engine.stats import BIN_S, Summary
+from bulk_engine.vocab import BAD_COLUMN_KINDS, NOT_RERUNNABLE_KINDS, Status
+
+__all__ = [
+    "BAD_COLUMNS",
+    "MAX_LINE_BYTES",
+    "NOT_RERUNNABLE",
+    "FailedManifest",
+    "FailedRow",
+    "FileReport",
+    "read_results",
+    "render_summary",
+    "summarize_file",
+    "write_chart",
+    "write_failed_manifest",
+]
 
 # Rows whose line in the manifest is itself broken: a rerun needs the manifest fixed first.
-NOT_RERUNNABLE = frozenset({"duplicate_id", "manifest_parse_error", "bad_row", "ragged_row",
-                            "empty_folder", "bad_encoding"})
+NOT_RERUNNABLE = NOT_RERUNNABLE_KINDS
 # Rows whose own columns were bad: rerunnable only from the original row (--manifest).
-BAD_COLUMNS = frozenset({"bad_analyse_type", "bad_payload"})
+BAD_COLUMNS = BAD_COLUMN_KINDS
+# A longer "line" is not an output line (a binary file without newlines): skipped, not buffered.
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
 def _counts(d: dict[str, int]) -> str:
@@ -94,6 +112,10 @@ def render_summary(
                 "resubmitted_rows", "ambiguous_submits", "torn_lines"):
         if summary.get(key):
             t.add_row(key.replace("_", " "), str(summary[key]))
+    if summary.get("duplicate_lines"):
+        t.add_row("duplicate lines", f"[yellow]{summary['duplicate_lines']} line(s) repeat a row "
+                                     "already in the file (two runs appended to one output?); "
+                                     "the counts above include them[/]")
     if summary.get("final_rate_limit") is not None and summary.get("throttled_429"):
         t.add_row("final rate limit", f"{summary['final_rate_limit']:g} calls/s")
     console.print(t)
@@ -115,49 +137,82 @@ class FailedRow:
 
 @dataclass
 class FileReport:
-    """One pass over an output file: the summary, torn lines, and the rows that failed."""
+    """One pass over an output file: the summary, torn and duplicate lines, the failed rows."""
 
     summary: Summary = field(default_factory=Summary)
     torn_lines: int = 0
+    # Lines for a row the file already had a line for (same id; for duplicate_id rows, same
+    # manifest line): the outputs of two runs appended to one file, say.
+    duplicate_lines: int = 0
     # Last word wins: a row failed in one run and completed in a later one is not failed.
     failed: dict[str, FailedRow] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = self.summary.to_json()
         out["torn_lines"] = self.torn_lines
+        out["duplicate_lines"] = self.duplicate_lines
         return out
 
 
 def read_results(path: Path) -> FileReport:
-    """Read an output file line by line (memory: the failed rows only)."""
+    """Read an output file line by line (memory: the failed rows only).
+
+    Torn or unreadable lines are skipped and counted. Raises ConfigError when the file holds no
+    output line at all but whole lines of something else (a binary file, a CSV, a JSON
+    document): that is not a partial output, it is the wrong file.
+    """
     rep = FileReport()
-    with path.open("rb") as fh:
-        for raw in fh:
+    other_lines = 0  # complete, non-blank lines that are not output lines
+    with path.open("rb") as fh, scratch_seen() as seen:
+        while raw := fh.readline(MAX_LINE_BYTES):
+            complete = raw.endswith(b"\n")
+            if not complete and len(raw) == MAX_LINE_BYTES:
+                while raw and not raw.endswith(b"\n"):  # skip the rest of an endless line
+                    raw = fh.readline(MAX_LINE_BYTES)
+                rep.torn_lines += 1
+                other_lines += 1
+                continue
             if not raw.strip():
                 continue
-            try:
-                # surrogateescape: a folder name that is not UTF-8 round-trips to the manifest.
-                rec = json.loads(raw.decode("utf-8", "surrogateescape"))
-            except ValueError:
+            rec = _record(raw)
+            if rec is None:
                 rep.torn_lines += 1
-                continue
-            if not isinstance(rec, dict) or "status" not in rec:
-                rep.torn_lines += 1
+                # A torn last line is the start of an output line; anything else is not one.
+                if complete or not raw.lstrip().startswith(b"{"):
+                    other_lines += 1
                 continue
             rep.summary.add(rec)
             row_id = str(rec.get("id", ""))
-            if rec.get("status") == "failed":
-                err = rec.get("error")
-                kind = str(err.get("kind")) if isinstance(err, dict) else "unknown"
-                line = rec.get("line")
+            err = rec.get("error")
+            kind = str(err.get("kind")) if isinstance(err, dict) else "unknown"
+            line = rec.get("line")
+            line_no = line if isinstance(line, int) else None
+            if seen(row_key(row_id, line_no or 0, duplicate=kind == "duplicate_id")):
+                rep.duplicate_lines += 1
+            if rec.get("status") == Status.FAILED:
                 path_ = rec.get("path")
                 rep.failed[row_id] = FailedRow(
-                    line=line if isinstance(line, int) else None, id=row_id,
-                    folder=str(rec.get("folder") or ""),
+                    line=line_no, id=row_id, folder=str(rec.get("folder") or ""),
                     path=path_ if isinstance(path_, str) and path_ else None, kind=kind)
             else:
                 rep.failed.pop(row_id, None)
+    if not rep.summary.rows and other_lines:
+        raise ConfigError(
+            f"{path} is not a bulk_engine output: none of its lines is a JSON object with a "
+            f"`status` ({other_lines} line(s) of something else); give the JSONL file a run "
+            "wrote (--output)"
+        )
     return rep
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
+    """The output line's object, or None if ``raw`` is not one (torn, garbage, other JSON)."""
+    try:
+        # surrogateescape: a folder name that is not UTF-8 round-trips to the manifest.
+        rec = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "status" in rec else None
 
 
 def summarize_file(

@@ -7,6 +7,11 @@ import json
 import random
 from pathlib import Path
 
+__all__ = [
+    "make_sample_archive",
+    "minimal_pdf",
+]
+
 _DOC_KINDS = ("payslip", "tax_notice", "id_card", "bank_statement", "lease", "employment_contract")
 _FIRST = ("Julien", "Amira", "Chloe", "Lucas", "Ines", "Hugo", "Lea", "Noah", "Sofia", "Adam")
 _LAST = ("Moreau", "Martin", "Bernard", "Dubois", "Laurent", "Simon", "Michel", "Garcia")

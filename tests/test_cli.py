@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +17,16 @@ import pytest
 from rich.console import Console
 from structlog.testing import capture_logs
 
-from bulk_engine.cli import main, run_engine
+from bulk_engine.cli import main
 from bulk_engine.emulator import EmulatorConfig, run_emulator
 from bulk_engine.engine import Engine
 from bulk_engine.logs import reset_logging
+from bulk_engine.runner import run_engine
+from bulk_engine.vocab import ExitCode
 
 from archive_factory import make_archive
 from conftest import API_KEY, engine_settings, read_lines
+from procs import child_env, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 FAST = EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.03), seed=1)
@@ -132,6 +139,138 @@ def test_unknown_environment_variable_is_warned(
         ("unknown_environment_variable", "BULK_ENGINE_CONCURENCY")]
 
 
+# ---- one parser, every command -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "prog", "message"), [
+    (["demo", "--bogus"], "bulk-engine demo", "unrecognized arguments: --bogus"),
+    (["bench", "--bogus"], "bulk-engine bench", "unrecognized arguments: --bogus"),
+    (["report", "--bogus"], "bulk-engine report", "required: results"),
+    (["run", "m.csv", "--bogus"], "bulk-engine", "unrecognized arguments: --bogus"),
+    (["m.csv", "extra.csv"], "bulk-engine", "unrecognized arguments: extra.csv"),
+    (["demo", "--folders", "0"], "bulk-engine demo", "must be at least 1, got 0"),
+    (["demo", "--rate-limit", "fast"], "bulk-engine demo", "--rate-limit: invalid"),
+    (["bench", "--processing-time", "5:1"], "bulk-engine bench", "need 0 <= MIN <= MAX"),
+    (["bench", "--concurrency", "0,2"], "bulk-engine bench", "must be positive"),
+    (["bench", "--rates", "ten"], "bulk-engine bench", "--rates: invalid"),
+])
+def test_every_command_usage_error_exits_1_with_its_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str], prog: str, message: str,
+) -> None:
+    """A usage error of any command exits 1 (never argparse's 2), with that command's usage."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.csv").write_text("folder\nx\n")
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert err.startswith(f"usage: {prog} "), err
+    assert message in err and f"(see {prog} --help)" in err, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.csv"]  # nothing was started
+
+
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_python_m_usage_error_exits_1(tmp_path: Path, command: str) -> None:
+    """`python -m bulk_engine demo --bogus` (and bench) exit 1, as the contract says."""
+    proc = subprocess.run([sys.executable, "-m", "bulk_engine", command, "--bogus"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env=child_env())
+    assert proc.returncode == 1, proc.stderr
+    assert f"usage: bulk-engine {command}" in proc.stderr
+    assert "unrecognized arguments: --bogus" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("command", "wants"), [
+    ("run", ["usage: bulk-engine [run] [MANIFEST.csv | --root DIR]", "commands:", "demo, report,"
+             " bench", "--dry-run", "examples:"]),
+    ("demo", ["usage: bulk-engine demo", "--folders", "--dir", "no key, no network"]),
+    ("report", ["usage: bulk-engine report", "results", "--failed-manifest", "--chart",
+                "examples:", "duplicate_lines"]),
+    ("bench", ["usage: bulk-engine bench", "--concurrency", "--rates", "--processing-time",
+               "recommend"]),
+])
+def test_every_command_has_a_useful_help(
+    capsys: pytest.CaptureFixture[str], command: str, wants: list[str]
+) -> None:
+    """`COMMAND --help` exits 0 and shows that command's usage, options and description."""
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert [w for w in wants if w not in out] == []
+
+
+def _plan_of(argv: list[str], plan_json: Path) -> dict[str, Any]:
+    code = main([*argv, "--stats-json", str(plan_json)])
+    assert code in (0, 2)
+    return json.loads(plan_json.read_text())  # type: ignore[no-any-return]
+
+
+def test_run_is_implied_or_explicit(tmp_path: Path) -> None:
+    """`bulk-engine run M.csv` is `bulk-engine M.csv`."""
+    manifest = make_archive(tmp_path / "a", 4, seed=5)
+    base = ["--dry-run", "--output", str(tmp_path / "o.jsonl")]
+    implied = _plan_of([str(manifest), *base], tmp_path / "p1.json")
+    explicit = _plan_of(["run", str(manifest), *base], tmp_path / "p2.json")
+    assert implied == explicit and implied["rows_to_submit"] == 4
+
+
+@pytest.mark.parametrize("name", ["demo", "report", "bench", "run"])
+def test_a_manifest_named_like_a_command_is_still_a_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A file literally named `demo` (report, bench, run) in the cwd is the manifest, as before."""
+    manifest = make_archive(tmp_path, 3, seed=6)
+    manifest.rename(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    plan = _plan_of([name, "--dry-run", "--output", "o.jsonl"], tmp_path / "plan.json")
+    assert plan["rows_read"] == 3 and plan["rows_to_submit"] == 3
+
+
+# ---- paths that cannot be written --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flag", "name", "dry_run"), [
+    ("--stats-json", "stats_json", True),
+    ("--stats-json", "stats_json", False),
+    ("--log-file", "log_file", True),
+    ("--output", "output", True),
+    ("--output", "output", False),
+    ("--journal", "journal", True),
+])
+def test_a_directory_as_a_file_path_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    no_network: socket.socket, flag: str, name: str, dry_run: bool,
+) -> None:
+    """--stats-json/--log-file/--output/--journal naming a directory: exit 1 naming it, no
+    traceback, nothing done (the dry run as well as the real run)."""
+    manifest = make_archive(tmp_path / "a", 2, seed=7)
+    target = tmp_path / "a-directory"
+    target.mkdir()
+    monkeypatch.setenv("BULK_ENGINE_API_KEY", API_KEY)
+    port = no_network.getsockname()[1]
+    argv = [str(manifest), "--base-url", f"http://127.0.0.1:{port}", "--no-progress"]
+    if flag != "--output":
+        argv += ["--output", str(tmp_path / "o.jsonl")]
+    argv += [flag, str(target)] + (["--dry-run"] if dry_run else [])
+    assert main(argv) == 1
+    err = _err(capsys)
+    assert f"{name}: {target} is a directory" in err.replace("\n", ""), err
+    assert "Traceback" not in err and "IsADirectoryError" not in err
+    assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a-directory"]
+
+
+def test_run_engine_refuses_a_directory_as_stats_json(tmp_path: Path) -> None:
+    """The runner checks the paths itself (for the demo, bench and library callers)."""
+    manifest = make_archive(tmp_path / "a", 1, seed=8)
+    buf = io.StringIO()
+    settings = engine_settings("http://127.0.0.1:9", tmp_path / "o.jsonl", stats_json=tmp_path)
+    code = asyncio.run(run_engine(settings, manifest, Console(file=buf, width=200)))
+    assert code == ExitCode.FATAL
+    assert f"stats_json: {tmp_path} is a directory" in buf.getvalue()
+    assert not (tmp_path / "o.jsonl").exists()
+
 # ---- --dry-run ------------------------------------------------------------------------------
 
 
@@ -184,19 +323,23 @@ def test_dry_run_plans_and_sends_nothing(
 async def test_dry_run_counts_rows_already_done(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """After a run, a dry run of a longer manifest skips the done rows, as a rerun would."""
+    """After a run, a dry run of the manifest grown longer skips the done rows, as a rerun would.
+
+    (The same manifest file and API host: a journal of another manifest or host is refused, by
+    the run and the dry run alike, see test_dry_run_refuses_a_journal_of_another_run.)"""
     manifest = make_archive(tmp_path / "a", 30, seed=3)
-    lines = manifest.read_text().splitlines(keepends=True)
-    short = manifest.with_name("short.csv")
-    short.write_text("".join(lines[:11]))  # header + 10 rows
+    full = manifest.read_text()
+    manifest.write_text("".join(full.splitlines(keepends=True)[:11]))  # header + 10 rows
     out = tmp_path / "o.jsonl"
     async with run_emulator(FAST) as emu:
-        result = await Engine(engine_settings(emu.base_url, out), short).run()
+        result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+        base_url = emu.base_url
     assert result.exit_code == 0
+    manifest.write_text(full)  # 20 more rows since
     before = out.read_bytes()
     plan_json = tmp_path / "plan.json"
     assert main([str(manifest), "--dry-run", "--output", str(out), "--mode", "auto",
-                 "--stats-json", str(plan_json)]) == 0
+                 "--base-url", base_url, "--stats-json", str(plan_json)]) == 0
     plan = json.loads(plan_json.read_text())
     assert (plan["rows_already_done"], plan["rows_to_submit"], plan["sync_rows"]) == (10, 20, 20)
     assert plan["journal"] == "read"
@@ -204,6 +347,81 @@ async def test_dry_run_counts_rows_already_done(
     assert "(20 in sync mode)" in _err(capsys)
     assert out.read_bytes() == before  # the dry run wrote nothing
 
+
+
+def _state_files(folder: Path) -> dict[str, bytes]:
+    """The output, the journal and its lock, byte for byte. (A read-only SQLite connection may
+    add empty -wal/-shm files beside a WAL journal: SQLite's, not a change of the journal.)"""
+    return {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+
+def _run_once(manifest: Path, out: Path) -> tuple[str, int]:
+    """One engine run against a fresh emulator: (its base URL, the exit code)."""
+    async def go() -> tuple[str, int]:
+        async with run_emulator(FAST) as emu:
+            result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+            return emu.base_url, result.exit_code
+
+    return asyncio.run(go())
+
+
+def test_dry_run_refuses_a_journal_of_another_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the run would refuse the journal's settings, the dry run refuses them too, with the
+    run's own message, and exits 1 instead of counting "already done" rows; it writes nothing."""
+    manifest = make_archive(tmp_path / "a", 6, seed=9)
+    out = tmp_path / "o.jsonl"
+    base_url, code = _run_once(manifest, out)
+    assert code == 0
+    journal = Path(f"{out}.journal")
+    files = _state_files(tmp_path)
+    other = [str(manifest), "--output", str(out), "--base-url", base_url, "--use-case", "credit"]
+    assert main([*other, "--dry-run"]) == 1
+    dry_err = _err(capsys)
+    assert "belong to a different run" in dry_err and '"use_case": "credit"' in dry_err
+    assert "Dry run" not in dry_err
+    assert _state_files(tmp_path) == files
+    # The real run (no network needed: it stops at the journal) says the very same thing.
+    monkeypatch.setenv("BULK_ENGINE_API_KEY", API_KEY)
+    assert main([*other, "--no-progress", "--log-level", "error"]) == 1
+    assert _err(capsys).strip().splitlines()[-1] == dry_err.strip().splitlines()[-1]
+    # With the run's own settings, the dry run reads the journal as before.
+    plan = _plan_of([str(manifest), "--output", str(out), "--base-url", base_url, "--dry-run"],
+                    tmp_path / "plan.json")
+    assert (plan["rows_already_done"], plan["journal"]) == (6, "read")
+    assert journal.exists()
+
+
+def test_dry_run_counts_live_tokens_as_polls_not_uploads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row whose retrieve token an earlier run journaled is polled by the rerun, not uploaded:
+    the plan counts it "to poll (resumed token)"; a row caught mid-upload is to submit again."""
+    from bulk_engine.journal import Journal, settings_fingerprint, settings_summary
+    from bulk_engine.manifest import RowDefaults, iter_manifest
+    from bulk_engine.models import Job
+
+    manifest = make_archive(tmp_path / "a", 5, seed=10)
+    out = tmp_path / "o.jsonl"
+    settings = engine_settings("http://127.0.0.1:9", out)
+    jobs = [j for j in iter_manifest(manifest, defaults=RowDefaults.from_settings(settings),
+                                     max_file_size=1 << 30) if isinstance(j, Job)]
+    with Journal.open(settings.journal_path) as journal:
+        journal.check_settings(settings_fingerprint(settings, manifest),
+                               summary=settings_summary(settings, manifest))
+        for job in jobs[:3]:
+            journal.mark_submitting(job, 1)
+        journal.mark_submitted(jobs[0].key, "gAAAAA-live-token-0", None, 1.0)
+        journal.mark_submitted(jobs[1].key, "gAAAAA-live-token-1", None, 1.0)
+        journal.mark_done_many([(jobs[3].key, "completed")], 0)  # jobs[2]: still submitting
+    plan = _plan_of([str(manifest), "--output", str(out), "--base-url", "http://127.0.0.1:9",
+                     "--dry-run"], tmp_path / "plan.json")
+    assert (plan["rows_read"], plan["rows_already_done"], plan["rows_to_poll"],
+            plan["rows_to_submit"]) == (5, 1, 2, 2)
+    assert plan["api_calls"] == 2 * 2 + 2  # two uploads with their poll, two polls
+    assert "to poll (resumed token)" in _err(capsys)
 
 # ---- a full run -----------------------------------------------------------------------------
 
@@ -237,14 +455,96 @@ async def test_run_prints_summary_writes_stats_json_and_logs(tmp_path: Path) -> 
 
 def test_readme_covers_every_flag_output_field_and_exit_code() -> None:
     """Each CLI flag, each output field and each exit code is in the README; it has Tuning."""
-    from bulk_engine.cli import build_parser
+    from bulk_engine.cli import build_parser, command_parsers
     from bulk_engine.models import Outcome
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    flags = [o for a in build_parser()._actions for o in a.option_strings if o != "-h"]
+    parsers = command_parsers(build_parser())
+    flags = [o for name in ("run", "report") for a in parsers[name]._actions
+             for o in a.option_strings if o not in ("-h", "--help")]
+    assert "--dry-run" in flags and "--failed-manifest" in flags
     assert [f for f in flags if f"`{f}" not in readme] == []
     fields = Outcome(key="k", line=1, id="i", folder="f", status="completed").to_json()
     assert [f for f in fields if f"`{f}`" not in readme] == []
     for code in ("0", "1", "2", "130"):
         assert f"| {code} |" in readme
     assert "## Tuning" in readme and "bulk_engine bench" in readme
+
+
+# ---- Ctrl-C at any moment -------------------------------------------------------------------
+
+_IMPORT_LINE = "import time:"
+
+
+def _import_lines_after_package(log: Path) -> int:
+    """`-X importtime` lines written after the package's own import completed (-1: not yet)."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(_IMPORT_LINE) and line.rstrip().endswith("| bulk_engine"):
+            return sum(1 for x in lines[i + 1:] if x.startswith(_IMPORT_LINE))
+    return -1
+
+
+def _interrupt_at(moment: int | str, manifest: Path, url: str, listener: socket.socket,
+                  tmp_path: Path) -> tuple[int | str, int, str]:
+    """Start the CLI, SIGINT it at ``moment``; (moment, exit code, stderr without import lines).
+
+    ``moment``: that many import lines after the package's own, or "connected": once the run
+    has opened its first connection to ``listener``.
+    """
+    err_path = tmp_path / f"err-{moment}.log"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "bulk_engine", str(manifest),
+             "--output", str(tmp_path / f"o-{moment}.jsonl"), "--base-url", url,
+             "--no-progress", "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+            env=child_env(BULK_ENGINE_API_KEY=API_KEY),
+        )
+        try:
+            if moment == "connected":
+                conn, _ = listener.accept()  # the run is under way
+                conn.close()
+            else:
+                wait_for(lambda: (_import_lines_after_package(err_path) >= int(moment)
+                                  or proc.poll() is not None),
+                         timeout=60, what=f"{moment} imports")
+            assert proc.poll() is None, err_path.read_text()[-2000:]
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = err_path.read_text(encoding="utf-8", errors="replace")
+    messages = "\n".join(x for x in text.splitlines() if not x.startswith(_IMPORT_LINE))
+    return moment, code, messages[-1500:]
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_at_any_early_moment_exits_130_without_traceback(tmp_path: Path) -> None:
+    """SIGINT during the imports (the first half second), the settings, or the run's start:
+    a short "interrupted" message and exit 130, never a KeyboardInterrupt traceback.
+
+    The moments are import milestones (`-X importtime` lines written after `bulk_engine` itself
+    is imported: from the first import of the CLI to the engine's), then the engine's first
+    connection. Earlier than the package (the interpreter's startup, `site`) no package code
+    runs yet. The API is a socket that accepts and never answers, so the run lasts until the
+    signal.
+    """
+    manifest = make_archive(tmp_path / "a", 3, seed=11)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(60)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        results = [_interrupt_at(moment, manifest, url, listener, tmp_path)
+                   for moment in (1, 25, 80, 160, 240, 330, "connected")]
+    finally:
+        listener.close()
+    for moment, code, messages in results:
+        assert code == 130, (moment, code, messages)
+        assert "Traceback" not in messages and "KeyboardInterrupt" not in messages, (
+            moment, messages)
+        assert "interrupted" in messages, (moment, messages)

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from bulk_engine import report, vocab
 from bulk_engine.cli import main
 from bulk_engine.errors import ConfigError
 from bulk_engine.manifest import RowDefaults, iter_manifest
@@ -150,7 +151,8 @@ def test_report_matches_the_live_summary(tmp_path: Path) -> None:
     for r in recs:
         live.add(r)
     from_file = summarize_file(_write(tmp_path / "r.jsonl", recs))
-    from_file.pop("torn_lines")
+    assert from_file.pop("torn_lines") == 0
+    assert from_file.pop("duplicate_lines") == 0
     assert from_file == live.to_json()
 
 
@@ -318,3 +320,76 @@ def test_report_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     assert main(["report", str(path), "--manifest", "m.csv"]) == 1
     assert "--manifest is used with --failed-manifest" in capsys.readouterr().err
+
+
+def test_duplicate_lines_are_counted_and_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs appended to one output: every line repeating a row is counted (`duplicate_lines`)
+    and shown; a manifest's own duplicate ids (duplicate_id lines) are not repeats."""
+    run = [_line(i) for i in range(4)] + [
+        {"id": "r1", "folder": "folders/f1", "status": "failed", "line": 9,
+         "error": {"kind": "duplicate_id", "message": "dup"}}]
+    single = _write(tmp_path / "one.jsonl", run)
+    assert read_results(single).duplicate_lines == 0
+    twice = _write(tmp_path / "two.jsonl", run + run)
+    rep = read_results(twice)
+    assert rep.duplicate_lines == 5 and rep.summary.rows == 10
+    assert main(["report", str(twice), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["duplicate_lines"] == 5
+    assert main(["report", str(twice)]) == 0
+    out = capsys.readouterr().out
+    assert "duplicate lines" in out and "5 line(s) repeat a row" in out
+
+
+@pytest.mark.parametrize("content", [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x01\x00" + bytes(range(256)) * 4,
+    b"id,folder\nr1,folders/f1\nr2,folders/f2\n",  # the manifest given instead of the output
+    b'{\n  "rows": 3,\n  "by_status": {"completed": 3}\n}\n',  # a --stats-json file
+    b"\x00" * 5000 + b"\n",
+    b"\xff\xfe" + b"\x00garbage" * 100,  # no newline at all, and not the start of a JSON line
+])
+def test_report_refuses_a_file_that_is_not_an_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes
+) -> None:
+    """A binary file, a CSV or a JSON document is not a partial output: exit 1, a clear
+    message naming the file, no traceback (it used to report 0 rows and exit 0)."""
+    path = tmp_path / "not-an-output.bin"
+    path.write_bytes(content)
+    assert main(["report", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path} is not a bulk_engine output" in err.replace("\n", "") and "Traceback" not in err
+    with pytest.raises(ConfigError, match="is not a bulk_engine output"):
+        read_results(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b'{"id": "r0", "folder": "f0", "sta'])
+def test_report_on_an_empty_or_just_started_output_is_fine(
+    tmp_path: Path, content: bytes
+) -> None:
+    """An empty output, or one whose first line is still being written, is a partial output."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(content)
+    assert main(["report", str(path), "--json"]) == 0
+    assert read_results(path).summary.rows == 0
+
+
+def test_report_skips_an_endless_line_without_holding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "line" longer than MAX_LINE_BYTES is read in chunks, skipped, counted once as torn;
+    the lines after it are read as usual."""
+    path = _write(tmp_path / "r.jsonl", [_line(0)], tail=b"x" * 1000 + b"\n")
+    with path.open("ab") as fh:
+        fh.write(json.dumps(_line(1)).encode() + b"\n")
+    assert max(len(x) for x in path.read_bytes().splitlines() if x.startswith(b"{")) < 400
+    for limit in (400, 1 << 20):
+        monkeypatch.setattr(report, "MAX_LINE_BYTES", limit)
+        rep = read_results(path)
+        assert (rep.summary.rows, rep.torn_lines) == (2, 1), limit
+
+
+def test_rerun_kinds_come_from_the_vocabulary() -> None:
+    """The failed manifest's left-out kinds are vocab's lists, not a copy kept by hand."""
+    assert report.NOT_RERUNNABLE is vocab.NOT_RERUNNABLE_KINDS
+    assert report.BAD_COLUMNS is vocab.BAD_COLUMN_KINDS
