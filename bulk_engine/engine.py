@@ -53,14 +53,7 @@ from bulk_engine.journal import (
     settings_summary,
 )
 from bulk_engine.logs import get_logger, short_token
-from bulk_engine.manifest import (
-    ProducerStats,
-    RowDefaults,
-    check_manifest,
-    iter_manifest,
-    iter_root,
-    list_folder,
-)
+from bulk_engine.manifest import ProducerStats, check_manifest, list_folder
 from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, fingerprint_files
 from bulk_engine.policy import (
     MassFailureWindow,
@@ -70,6 +63,7 @@ from bulk_engine.policy import (
     retrieve_decision,
 )
 from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.rules import goes_sync, row_stream
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
 from bulk_engine.stats import LiveCounters, Summary, decision_of
 from bulk_engine.vocab import NOT_FINAL_KINDS, ExitCode, RowState, Status
@@ -328,16 +322,8 @@ class Engine:
     def _rows(self, reader: JournalReader, *, is_done: Any, stats: ProducerStats,
               list_folders: bool = True) -> Iterator[Job | BadRow]:
         """The row stream. Done rows are skipped, and duplicate ids flagged, before listing."""
-        s = self.settings
-        defaults = RowDefaults(use_case=s.use_case, analyse_type=s.analyse_type, payload={})
-        common: dict[str, Any] = dict(
-            defaults=defaults, max_file_size=s.max_file_size, follow_symlinks=s.follow_symlinks,
-            stats=stats, seen=reader.seen, is_done=is_done, list_folders=list_folders,
-        )
-        if s.root is not None and self.manifest is None:
-            return iter_root(s.root, **common)
-        assert self.manifest is not None
-        return iter_manifest(self.manifest, confine_to=s.confine_to, **common)
+        return row_stream(self.settings, self.manifest, seen=reader.seen, is_done=is_done,
+                          stats=stats, list_folders=list_folders)
 
     async def _produce(self, send: MemoryObjectSendStream[Ticket]) -> None:
         """Stream rows from a worker thread (CSV parsing and folder listing block) in batches."""
@@ -497,14 +483,7 @@ class Engine:
                 await self._submit(ticket)
 
     def _mode_for(self, job: Job) -> str:
-        """``auto``: sync for small single-stage folders (decision only), async otherwise."""
-        s = self.settings
-        if s.mode != "auto":
-            return s.mode
-        single_stage = tuple(job.analyse_type or s.analyse_type) == ("decision",)
-        small = (job.total_bytes <= s.auto_sync_max_bytes
-                 and len(job.files) <= s.auto_sync_max_files)
-        return "sync" if single_stage and small else "async"
+        return "sync" if goes_sync(self.settings, job) else "async"
 
     def _submission(self, job: Job, *, asynchronous: bool, key_fp: str | None = None
                     ) -> tuple[dict[str, Any], str]:

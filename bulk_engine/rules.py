@@ -43,11 +43,13 @@ def row_stream(
     seen: Callable[[str], bool] | None,
     is_done: Callable[[str], bool] | None,
     stats: ProducerStats,
+    list_folders: bool = True,
 ) -> Iterator[Job | BadRow]:
     """The run's rows: the manifest's, or every leaf folder under ``--root`` without one.
 
     Done rows are skipped (and counted in ``stats``) before their folder is listed; ``seen``
     flags duplicate ids. Raises ConfigError on the first ``next()`` if the source is unusable.
+    With ``list_folders=False`` the rows come as the manifest states them (Jobs without files).
     """
     s = settings
     defaults = RowDefaults.from_settings(s)
@@ -56,10 +58,10 @@ def row_stream(
             raise ValueError("row_stream needs a manifest or settings.root")
         return iter_root(s.root, defaults=defaults, max_file_size=s.max_file_size,
                          follow_symlinks=s.follow_symlinks, seen=seen, is_done=is_done,
-                         stats=stats)
+                         stats=stats, list_folders=list_folders)
     return iter_manifest(manifest, defaults=defaults, max_file_size=s.max_file_size,
                          follow_symlinks=s.follow_symlinks, confine_to=s.confine_to, seen=seen,
-                         is_done=is_done, stats=stats)
+                         is_done=is_done, stats=stats, list_folders=list_folders)
 
 
 @contextmanager
