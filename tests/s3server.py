@@ -24,6 +24,7 @@ another child process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,20 +290,16 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.stdout.close()
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """moto S3 + IAM in a child process, with authentication on, for the whole session."""
-    try:
-        import boto3
-        import moto  # noqa: F401
-        import requests
+@contextmanager
+def running_server(start_timeout: float = 60.0) -> Iterator[S3Server]:
+    """moto S3 + IAM in a child process with authentication on, stopped on exit.
 
-        started = _start(timeout=60.0)
-    except Exception as exc:  # a missing package or a server that did not come up
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"the S3 test server (moto) cannot start on CI: {exc}")
-        pytest.skip(f"the S3 test server (moto) cannot start: {exc}; "
-                    "pip install -e '.[test]' brings moto[server]")
+    Raises whatever stopped it from starting (a missing package, a server that did not come up).
+    """
+    import boto3
+    import requests
+
+    started = _start(timeout=start_timeout)
     endpoint = f"http://127.0.0.1:{started.port}"
     try:
         iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION,
@@ -313,6 +311,20 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint, started.proc, admin, nobody)
     finally:
         stop(started.proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The server for the whole session; on CI a server that cannot start fails the tests."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_server())
+        except Exception as exc:
+            if os.environ.get("CI") == "true":
+                pytest.fail(f"the S3 test server (moto) cannot start on CI: {exc}")
+            pytest.skip(f"the S3 test server (moto) cannot start: {exc}; "
+                        "pip install -e '.[test]' brings moto[server]")
+        yield server
 
 
 @pytest.fixture
