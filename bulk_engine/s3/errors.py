@@ -13,6 +13,7 @@ rest to ``to_error``, which builds our exception:
     credentials (InvalidAccessKeyId, SignatureDoesNotMatch,
       expired token, no credentials found, bad profile)    ─ ConfigError naming what to fix
     region (PermanentRedirect, AuthorizationHeaderMalformed) ─ ConfigError (AWS_REGION)
+    TLS (certificate not trusted)                            ─ ConfigError (AWS_CA_BUNDLE)
 
 Messages are built from the error *code* only, never from the server's message text (a
 SignatureDoesNotMatch message carries the canonical request) nor from the exception's repr;
@@ -49,6 +50,7 @@ class Fault(enum.Enum):
     DENIED = "denied"
     CHANGED = "changed"
     ARCHIVED = "archived"  # InvalidObjectState: in Glacier, not readable until restored
+    TLS = "tls"  # the endpoint's certificate is not trusted: every call would fail alike
     CREDENTIALS = "credentials"
     REGION = "region"
     OTHER = "other"
@@ -92,7 +94,8 @@ _CODES: dict[str, Fault] = {
 
 # The exceptions of a request that never got a full answer: worth another try.
 _TRANSIENT_EXC: tuple[type[BaseException], ...] = (
-    bx.HTTPClientError,  # EndpointConnectionError, ConnectionClosedError, timeouts, proxy errors
+    bx.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError
+    bx.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError
     bx.ResponseStreamingError,
     bx.IncompleteReadError,
     aiohttp.ClientError,
@@ -143,6 +146,8 @@ def fault_of(exc: BaseException) -> tuple[Fault, str | None, int | None]:
         return classify(code, status), code, status
     if isinstance(exc, _CREDENTIAL_EXC):
         return Fault.CREDENTIALS, type(exc).__name__, None
+    if isinstance(exc, (bx.SSLError, aiohttp.ClientConnectorCertificateError)):
+        return Fault.TLS, type(exc).__name__, None
     if isinstance(exc, bx.FlexibleChecksumError):
         return Fault.TRANSIENT, "ChecksumMismatch", None
     if isinstance(exc, _TRANSIENT_EXC):
@@ -212,6 +217,12 @@ def to_error(
     at = f"{code or 'error'}" + (f", HTTP {status}" if status else "")
     if fault is Fault.CREDENTIALS:
         return ConfigError(_credentials_message(exc, code, endpoint, creds_method, profile))
+    if fault is Fault.TLS:
+        return ConfigError(
+            f"TLS to the S3 endpoint {endpoint_shown(endpoint)} failed ({code}): if the store "
+            "uses a private CA, set AWS_CA_BUNDLE to its PEM file; check --s3-endpoint-url / "
+            "AWS_ENDPOINT_URL"
+        )
     if fault is Fault.REGION:
         return ConfigError(
             f"S3 answered {at} for {url}: the bucket is in another region than the one "
