@@ -23,7 +23,13 @@ from typing import Any
 
 from bulk_engine.config import ANALYSE_TYPES
 
-__all__ = ["processing_problem", "result_problem", "snippet", "token_problem"]
+__all__ = [
+    "SNIPPET_CHARS",
+    "processing_problem",
+    "result_problem",
+    "snippet",
+    "token_problem",
+]
 
 SNIPPET_CHARS = 120
 _SPACE = re.compile(r"\s+")

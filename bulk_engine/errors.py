@@ -24,6 +24,7 @@ from __future__ import annotations
 __all__ = [
     "AmbiguousSubmitError",
     "ApiError",
+    "ApiUnavailableError",
     "AuthError",
     "BulkEngineError",
     "ConfigError",
@@ -31,6 +32,7 @@ __all__ = [
     "ManifestError",
     "MassFailureError",
     "PermanentError",
+    "StorageError",
     "TransientError",
     "first_error",
 ]

@@ -37,7 +37,11 @@ from typing import Any
 from bulk_engine.clock import Clock
 from bulk_engine.logs import get_logger
 
-__all__ = ["ApiHealth", "HealthStatistics"]
+__all__ = [
+    "ENDPOINTS",
+    "ApiHealth",
+    "HealthStatistics",
+]
 
 log = get_logger()
 

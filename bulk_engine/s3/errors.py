@@ -31,7 +31,15 @@ from botocore import exceptions as bx
 
 from bulk_engine.errors import BulkEngineError, ConfigError, ManifestError, TransientError
 
-__all__ = ["Fault", "S3UnavailableError", "classify", "fault_of", "to_error"]
+__all__ = [
+    "Fault",
+    "S3UnavailableError",
+    "classify",
+    "credentials_where",
+    "endpoint_shown",
+    "fault_of",
+    "to_error",
+]
 
 
 class S3UnavailableError(TransientError):

@@ -49,7 +49,7 @@ from bulk_engine.s3.url import S3Url, parse_s3_url
 
 __all__ = ["BlockingS3Source", "S3Options", "S3Source", "S3Stats"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 log = get_logger()
 
 
@@ -336,12 +336,12 @@ class S3Source:
 
     async def _retrying(
         self,
-        call: Callable[[], Awaitable[T]],
+        call: Callable[[], Awaitable[_T]],
         *,
         url: str,
         one_object: bool = False,
         attempt: int = 0,
-    ) -> T:
+    ) -> _T:
         """``call()`` until it succeeds; transient faults retried with full jitter."""
         while True:
             try:

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from bulk_engine.errors import ConfigError
 
-__all__ = ["S3Url", "is_s3_url", "parse_s3_url"]
+__all__ = [
+    "MAX_KEY_BYTES",
+    "SCHEME",
+    "S3Url",
+    "is_s3_url",
+    "parse_s3_url",
+]
 
 SCHEME = "s3://"
 MAX_KEY_BYTES = 1024  # S3's limit on a key's length, in UTF-8 bytes
