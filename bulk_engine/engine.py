@@ -174,8 +174,9 @@ class Engine:
             check_manifest(self.manifest)
         elif not source.is_dir():
             raise ConfigError(f"--root {source} is not a directory; give the archive's top folder")
-        if s.output.is_dir():
-            raise ConfigError(f"--output {s.output} is a directory; give a file path")
+        if s.output.exists() and not s.output.is_file():
+            raise ConfigError(f"--output {s.output} is not a regular file (a directory or a "
+                              "device?); give the path of a JSONL file")
         s.output.parent.mkdir(parents=True, exist_ok=True)
         with OutputLock(s.output):
             journal = Journal.open(s.journal_path)
