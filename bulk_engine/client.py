@@ -251,7 +251,7 @@ class CaseClient:
         *,
         payload: dict[str, Any],
         idem_key: str | None,
-        before_send: Callable[[], None] | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> SubmitAnswer:
         """One POST /case: stream the folder's files; translate the answer or raise ApiError.
 
@@ -267,7 +267,7 @@ class CaseClient:
         contents = await _read_small_folder(job) if job.total_bytes <= SMALL_FOLDER_BYTES else None
         await self._limiter.acquire(PRIORITY_SUBMIT)
         if before_send is not None:
-            before_send()
+            await before_send()
         self.stats.calls += 1
         self.stats.submits += 1
         asynchronous = bool(payload.get("asynchronous"))

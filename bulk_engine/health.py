@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bulk_engine.clock import Clock
+from bulk_engine.errors import ApiUnavailableError
 from bulk_engine.logs import get_logger
 
 __all__ = [
@@ -163,6 +164,16 @@ class ApiHealth:
                 break
             await self._wait_change(left)
         return self.healthy
+
+    def outage_error(self) -> ApiUnavailableError:
+        """The error that stops a run during an outage, saying what the API last answered."""
+        st = self.statistics()
+        last = f" Last answer: {st.last_failure_message}." if st.last_failure_message else ""
+        return ApiUnavailableError(
+            f"the API is {st.describe()}, {st.consecutive_failures} calls in a row: stopping "
+            f"rather than failing rows for it.{last} The rows in flight are saved, not failed; "
+            "check the API's status (and --base-url), then rerun the same command to resume."
+        )
 
     def statistics(self) -> HealthStatistics:
         return HealthStatistics(

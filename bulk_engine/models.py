@@ -85,6 +85,15 @@ class ErrorInfo:
 
 
 @dataclass(slots=True)
+class Ticket:
+    """A job on its way to a submitter, with the journal's memory of it."""
+
+    job: Job
+    attempts: int  # the submission generation (1 = first); keys the Idempotency-Key
+    possible_duplicate: bool = False
+
+
+@dataclass(slots=True)
 class Submitted:
     """A folder the API accepted; the scheduler polls its token until a final answer."""
 
@@ -159,6 +168,19 @@ class Outcome:
         # stand inside JSON strings, where "\udcff" written out is the JSON escape of the same
         # character: the line stays valid JSON, readable UTF-8, and round-trips exactly.
         return (text + "\n").encode("utf-8", "backslashreplace")
+
+    @classmethod
+    def for_job(cls, job: Job, *, status: str, attempts: int, polls: int = 0, result: Any = None,
+                error: ErrorInfo | None = None, submitted_at: float | None = None,
+                run_id: str | None = None, possible_duplicate: bool = False) -> Outcome:
+        """The final word on a row that reached the API (its folder was listed)."""
+        return cls(
+            key=job.key, line=job.line, id=job.id, folder=job.folder, status=status,
+            result=result, error=error, run_id=run_id, attempts=attempts, polls=polls,
+            submitted_at=submitted_at, completed_at=time.time(), files=len(job.files),
+            total_bytes=job.total_bytes, possible_duplicate=possible_duplicate,
+            path=str(job.path),
+        )
 
     @classmethod
     def from_bad_row(cls, row: BadRow) -> Outcome:

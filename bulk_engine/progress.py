@@ -284,7 +284,11 @@ class RowCounter:
 
 
 class _Source(Protocol):
-    counters: LiveCounters
+    """What the panel reads of an engine: ``Engine.counters`` is derived from its stages'
+    ``statistics()``."""
+
+    @property
+    def counters(self) -> LiveCounters: ...
 
     @property
     def client(self) -> Any: ...

@@ -1,0 +1,165 @@
+"""The submitters: one multipart ``POST /case`` per ticket, and its token to the poll scheduler.
+
+Where it sits::
+
+    producer ─Ticket─▶ [bounded stream] ─▶ N × Submitter.worker ─Submitted─▶ PollScheduler
+                                                     └─Outcome (sync result, failure)─▶ Finisher
+
+Each ticket is one submission of one row: the payload is built once, its request identity and
+generation give the ``Idempotency-Key`` (``client.idempotency_key``), the journal records
+``submitting`` right before the first request goes out and ``submitted`` (the token) before the
+token is polled. Transport errors are retried by the client; when they are spent, the API's
+health decides (``health.ApiHealth.verdict``): a healthy API means this row's trouble (a
+`failed` line), an outage stops the run with the row unfailed.
+
+A submission cut short (an outage, an interrupt, a refused key) goes back to pending when none of
+its requests can have created a run (:meth:`Submitter.forget_unsent`), so the rerun does not
+flag it as a possible duplicate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from bulk_engine.backend import JournalBackend
+from bulk_engine.client import CaseClient, idempotency_key, submission_for
+from bulk_engine.clock import Clock
+from bulk_engine.config import Settings
+from bulk_engine.errors import AmbiguousSubmitError, ApiError, PermanentError, TransientError
+from bulk_engine.finisher import Finisher
+from bulk_engine.logs import get_logger, short_token
+from bulk_engine.models import ErrorInfo, Job, Outcome, Submitted, Ticket
+from bulk_engine.rules import goes_sync
+from bulk_engine.scheduler import PollScheduler
+from bulk_engine.vocab import Status
+
+__all__ = ["Submitter", "SubmitterStatistics", "sent_types"]
+
+log = get_logger()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitterStatistics:
+    """Submissions the API accepted, and uploads under way."""
+
+    submitted: int  # 202s (and sync 200s) received
+    uploading: int  # submissions whose POST /case has gone out and has no final answer yet
+
+
+@dataclass(slots=True)
+class _Sending:
+    """A submission under way: can its body have reached a server yet?"""
+
+    attempts: int  # its generation
+    in_flight: bool = False  # a request of it is on the wire right now
+    maybe_sent: bool = False  # an attempt failed after its body may have arrived
+
+
+class Submitter:
+    """Uploads tickets, with retries, through the run's one client."""
+
+    def __init__(self, settings: Settings, *, client: CaseClient, backend: JournalBackend,
+                 scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._client = client
+        self._backend = backend
+        self._scheduler = scheduler
+        self._finisher = finisher
+        self._key_fp = key_fp
+        self._uploads = anyio.CapacityLimiter(settings.concurrency)
+        self._sending: dict[str, _Sending] = {}
+        self._submitted = 0
+
+    def statistics(self) -> SubmitterStatistics:
+        return SubmitterStatistics(self._submitted, len(self._sending))
+
+    def submission(self, job: Job, *, asynchronous: bool,
+                   key_fp: str | None = None) -> tuple[dict[str, Any], str]:
+        """The payload for ``job`` and its request identity (under ``key_fp``, else ours)."""
+        return submission_for(self.settings, job, asynchronous=asynchronous,
+                              key_fp=key_fp or self._key_fp)
+
+    async def worker(self, recv: MemoryObjectReceiveStream[Ticket]) -> None:
+        """Submit tickets until the stream ends."""
+        async with recv:
+            async for ticket in recv:
+                await self.submit(ticket)
+
+    async def submit(self, ticket: Ticket) -> None:
+        """Upload one folder (with retries); hand its token to the scheduler, or finish it."""
+        job = ticket.job
+        client = self._client
+        structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
+        payload, identity = self.submission(job, asynchronous=not goes_sync(self.settings, job))
+        idem = idempotency_key(identity, ticket.attempts) if self.settings.idempotency else None
+        submitted_wall = time.time()
+        sending = _Sending(ticket.attempts)
+
+        async def before_send() -> None:
+            # Journal intent once, when the first request of this submission really goes out.
+            if job.key not in self._sending:
+                await self._backend.mark_submitting(job, ticket.attempts, identity, self._key_fp)
+                self._sending[job.key] = sending
+            sending.in_flight = True
+
+        def after_attempt(exc: ApiError) -> None:
+            sending.in_flight = False
+            sending.maybe_sent = sending.maybe_sent or isinstance(exc, AmbiguousSubmitError)
+            log.debug("retry", kind=exc.kind, http_status=exc.http_status, message=exc.message)
+
+        try:
+            async with self._uploads, client.health.admit():
+                answer = await client.call_with_retries(
+                    lambda: client.submit_once(job, payload=payload, idem_key=idem,
+                                               before_send=before_send),
+                    endpoint="submit", source=job.key, on_retry=after_attempt,
+                )
+        except (PermanentError, TransientError) as exc:
+            after_attempt(exc)
+            if isinstance(exc, TransientError) and not await client.health.verdict("submit"):
+                raise client.health.outage_error() from None  # forget_unsent settles the row
+            self._sending.pop(job.key, None)
+            await self._finisher.api_row(Outcome.for_job(
+                job, status=Status.FAILED, attempts=ticket.attempts,
+                error=ErrorInfo(exc.kind, exc.message, exc.http_status),
+                submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
+            return
+        self._sending.pop(job.key, None)
+        self._submitted += 1
+        if answer.token is None:  # sync mode: the answer is the result
+            await self._finisher.api_row(Outcome.for_job(
+                job, status=Status.COMPLETED, attempts=ticket.attempts, result=answer.result,
+                submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
+            return
+        await self._backend.mark_submitted(job.key, answer.token, None, submitted_wall)
+        log.debug("submitted", id=job.id, token=short_token(answer.token))
+        self._scheduler.add(Submitted(
+            job=job, token=answer.token, submitted_at=submitted_wall,
+            submitted_mono=self._clock.now(), attempts=ticket.attempts,
+            possible_duplicate=ticket.possible_duplicate, analyse_type=sent_types(payload),
+        ))
+
+    async def forget_unsent(self, *, refused: bool) -> None:
+        """Submissions cut short that cannot have created a run go back to pending: those whose
+        every attempt failed before its body reached a server (connect errors), or all of them
+        when the key was ``refused`` (the API creates no run for a refused key)."""
+        with anyio.CancelScope(shield=True):
+            for key, st in list(self._sending.items()):
+                if refused or not (st.maybe_sent or st.in_flight):
+                    await self._backend.mark_pending(key, attempts=st.attempts - 1)
+        self._sending.clear()
+
+
+def sent_types(payload: dict[str, Any]) -> tuple[str, ...]:
+    """The analyse types a payload asks for (a manifest's payload column may override them)."""
+    value = payload.get("analyse_type")
+    if isinstance(value, str):
+        return (value,)
+    return tuple(str(v) for v in value) if isinstance(value, list) else ()
