@@ -33,7 +33,7 @@ from rich.console import Console
 
 from bulk_engine.errors import BulkEngineError, ConfigError
 from bulk_engine.runner import check_file_target, print_error
-from bulk_engine.vocab import ExitCode
+from bulk_engine.vocab import ExitCode, Status
 
 __all__ = ["BENCH_KEY", "Cell", "add_arguments", "plot", "recommend", "run", "run_cell"]
 
@@ -118,7 +118,7 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path,
         for line in fh:
             rec = json.loads(line)
             cell.folders += 1
-            cell.completed += rec["status"] == "completed"
+            cell.completed += rec["status"] == Status.COMPLETED
             polls += rec.get("polls") or 0
             if rec.get("latency_s") is not None:
                 lat.append(float(rec["latency_s"]))

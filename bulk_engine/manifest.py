@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import IO, Any
 
+from bulk_engine import vocab
 from bulk_engine.config import ANALYSE_TYPES, Settings
 from bulk_engine.errors import ConfigError, ManifestError
 from bulk_engine.models import BadRow, FileEntry, Job, fingerprint_files, row_key
@@ -46,26 +47,8 @@ __all__ = [
     "list_folder",
 ]
 
-BAD_ROW_KINDS = (
-    "bad_analyse_type",
-    "bad_encoding",
-    "bad_payload",
-    "bad_row",
-    "duplicate_id",
-    "empty_folder",
-    "file_too_large",
-    "file_unreadable",
-    "folder_empty",
-    "folder_missing",
-    "folder_unreadable",
-    "manifest_parse_error",
-    "not_a_directory",
-    "outside_root",
-    "ragged_row",
-    "special_file",
-    "symlink_dangling",
-    "symlink_outside",
-)
+# The kinds of bad rows, from the registry (``vocab.ERROR_KINDS``: origin "row").
+BAD_ROW_KINDS = tuple(sorted(vocab.BAD_ROW_KINDS))
 
 # A physical line longer than this is not a manifest line (binary file, missing newlines):
 # stop instead of buffering it whole.

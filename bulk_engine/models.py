@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bulk_engine.vocab import Status
+
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
@@ -118,7 +120,7 @@ class Outcome:
     line: int
     id: str
     folder: str
-    status: str  # "completed" | "failed"
+    status: str  # a vocab.Status value
     result: Any = None
     error: ErrorInfo | None = None
     run_id: str | None = None
@@ -185,7 +187,7 @@ class Outcome:
     @classmethod
     def from_bad_row(cls, row: BadRow) -> Outcome:
         return cls(
-            key=row.key, line=row.line, id=row.id, folder=row.folder, status="failed",
+            key=row.key, line=row.line, id=row.id, folder=row.folder, status=Status.FAILED,
             error=ErrorInfo(row.kind, row.message), completed_at=time.time(),
         )
 

@@ -70,14 +70,14 @@ def render_summary(
     t.add_column("value")
     status = summary.get("by_status", {})
     t.add_row("rows", str(summary.get("rows", 0)))
-    t.add_row("completed", f"[green]{status.get('completed', 0)}[/]")
-    failed = status.get("failed", 0)
+    t.add_row("completed", f"[green]{status.get(Status.COMPLETED, 0)}[/]")
+    failed = status.get(Status.FAILED, 0)
     t.add_row("failed", f"[red]{failed}[/]" if failed else "0")
-    others = {k: v for k, v in status.items() if k not in ("completed", "failed")}
+    others = {k: v for k, v in status.items() if k not in tuple(Status)}
     if others:
         t.add_row("other status", _counts(others))
     total_c, total_f = summary.get("total_completed"), summary.get("total_failed")
-    if total_c is not None and (total_c, total_f) != (status.get("completed", 0), failed):
+    if total_c is not None and (total_c, total_f) != (status.get(Status.COMPLETED, 0), failed):
         t.add_row("whole output", f"{summary['total_completed']} completed, "
                                   f"{summary.get('total_failed', 0)} failed (earlier runs too)")
     if summary.get("by_decision"):
