@@ -34,7 +34,6 @@ from common import (
     emulator_flags,
     engine_cmd,
     md_table,
-    percentile,
     print_machine,
     read_output,
     sample_archive,
@@ -123,8 +122,8 @@ def run_client(ns: argparse.Namespace, work: Path, flags: list[str], name: str, 
         "polls_per_folder": round(outs.polls_per_folder, 3),
         "share_429": round(est["rate_limited"] / calls, 4) if calls else None,
         "calls": calls,
-        "latency_p50_s": round(percentile(outs.latencies, 0.5), 3),
-        "latency_p99_s": round(percentile(outs.latencies, 0.99), 3),
+        "latency_p50_s": round(outs.latency(0.5), 3),
+        "latency_p99_s": round(outs.latency(0.99), 3),
     }
 
 

@@ -26,11 +26,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bulk_engine.emulator.process import EmulatorProcess, emulator_process
+from bulk_engine.report import read_results
+from bulk_engine.stats import Summary
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "bench-key-0123456789"
@@ -215,33 +217,36 @@ def manifest_folders(manifest: Path) -> list[tuple[str, Path]]:
 
 @dataclass
 class OutputStats:
-    rows: int = 0
-    completed: int = 0
-    failed: int = 0
-    polls: list[int] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
+    """What a benchmark reads of a JSONL output: the package's own reader (``report``)."""
+
+    summary: Summary
+
+    @property
+    def rows(self) -> int:
+        return self.summary.rows
+
+    @property
+    def completed(self) -> int:
+        return self.summary.by_status.get("completed", 0)
+
+    @property
+    def failed(self) -> int:
+        return self.summary.by_status.get("failed", 0)
 
     @property
     def polls_per_folder(self) -> float:
-        return sum(self.polls) / len(self.polls) if self.polls else math.nan
+        s = self.summary
+        return s.polls / s.polled_rows if s.polled_rows else math.nan
+
+    def latency(self, q: float) -> float:
+        """The ``q`` quantile of row latency (completed - submitted), within ~1 %."""
+        v = self.summary.latency.quantile(q)
+        return math.nan if v is None else v
 
 
 def read_output(path: Path) -> OutputStats:
-    """Counts, polls per row and row latencies (completed - submitted) of a JSONL output."""
-    st = OutputStats()
-    with path.open("rb") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            st.rows += 1
-            if rec["status"] == "completed":
-                st.completed += 1
-            else:
-                st.failed += 1
-            if rec.get("polls"):
-                st.polls.append(int(rec["polls"]))
-            if rec.get("latency_s") is not None:
-                st.latencies.append(float(rec["latency_s"]))
-    return st
+    """Counts, polls per row and row latencies of a JSONL output (``report.read_results``)."""
+    return OutputStats(read_results(path).summary)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -32,7 +32,9 @@ from typing import Any
 from rich.console import Console
 
 from bulk_engine.errors import BulkEngineError, ConfigError
+from bulk_engine.report import read_results
 from bulk_engine.runner import check_file_target, print_error
+from bulk_engine.stats import Summary
 from bulk_engine.vocab import ExitCode, Status
 
 __all__ = ["BENCH_KEY", "Cell", "add_arguments", "plot", "recommend", "run", "run_cell"]
@@ -112,22 +114,14 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path,
     with emulator_process(flags, api_keys=BENCH_KEY, log_path=work / "emulator.log") as emu:
         wall, code = asyncio.run(_run_engine(ns, cell, emu.base_url, manifest, out, console))
         stats = emu.stats()
-    lat: list[float] = []
-    polls = 0
-    with contextlib.suppress(FileNotFoundError), out.open("rb") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            cell.folders += 1
-            cell.completed += rec["status"] == Status.COMPLETED
-            polls += rec.get("polls") or 0
-            if rec.get("latency_s") is not None:
-                lat.append(float(rec["latency_s"]))
-    lat.sort()
+    summary = read_results(out).summary if out.exists() else Summary()
+    cell.folders = summary.rows
+    cell.completed = summary.by_status.get(Status.COMPLETED, 0)
     cell.wall_s = round(wall, 2)
     cell.folders_per_s = round(cell.folders / wall, 3) if wall > 0 else 0.0
-    cell.polls_per_folder = round(polls / max(cell.folders, 1), 3)
+    cell.polls_per_folder = round(summary.polls / max(cell.folders, 1), 3)
     cell.throttled_429 = int(stats.get("rate_limited", 0))
-    cell.p50_latency_s = round(lat[len(lat) // 2], 2) if lat else 0.0
+    cell.p50_latency_s = round(summary.latency.quantile(0.5) or 0.0, 2)
     return code
 
 

@@ -45,7 +45,7 @@ from bulk_engine.errors import (
 from bulk_engine.health import ApiHealth
 from bulk_engine.logs import Redactor, get_logger
 from bulk_engine.models import FileEntry, Job
-from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, RateLimiter
 
 log = get_logger()
 
@@ -62,8 +62,6 @@ MIN_UPLOAD_BYTES_PER_S = 1_000_000
 # A sync call lasts the whole analysis: it gets this much more than submit_timeout.
 SYNC_ANALYSIS_ALLOWANCE_S = 300.0
 
-PRIORITY_POLL = 0
-PRIORITY_SUBMIT = 1
 USER_AGENT = "bulk-engine/0.1"
 
 T = TypeVar("T")

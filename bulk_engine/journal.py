@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from bulk_engine.config import Settings
 from bulk_engine.errors import ConfigError, StorageError
+from bulk_engine.logs import short_token
 from bulk_engine.models import Job
 from bulk_engine.vocab import RowState, Status
 
@@ -156,8 +157,8 @@ class RowRecord:
 
     @property
     def token_hint(self) -> str | None:
-        """The token cut short, safe to log."""
-        return None if self.token is None else self.token[:8] + "…"
+        """The token cut short, safe to log (``logs.short_token``)."""
+        return short_token(self.token)
 
     @classmethod
     def _from_row(cls, row: tuple[Any, ...]) -> RowRecord:

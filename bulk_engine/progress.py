@@ -15,7 +15,6 @@ counters, so tests check them without an engine or a clock.
 from __future__ import annotations
 
 import csv
-import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from bulk_engine.clock import Clock, MonotonicClock
+from bulk_engine.errors import BulkEngineError
 from bulk_engine.logs import get_logger
 from bulk_engine.stats import LiveCounters
 
@@ -225,24 +225,17 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
 # ---- row counting ---------------------------------------------------------------------------
 
 
-def _manifest_records(path: Path) -> Iterator[bool]:
-    """Yield once per non-blank CSV record after the header (True), streaming the file."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
-        header_seen = False
-        for row in csv.reader(fh):
-            if not any(cell.strip() for cell in row):
-                continue
-            if header_seen:
-                yield True
-            header_seen = True
+def _rows_of(manifest: Path | None, root: Path | None) -> Iterator[bool]:
+    """Yield once per row of the source, by the producer's own rules (``rules.row_stream``),
+    folders not listed: a manifest's records, or the leaf folders under ``root``."""
+    from bulk_engine.config import Settings
+    from bulk_engine.manifest import ProducerStats
+    from bulk_engine.rules import row_stream
 
-
-def _root_leaves(root: Path) -> Iterator[bool]:
-    """Yield once per leaf folder under ``root`` (the rule of ``manifest.iter_root``)."""
-    for dirpath, dirnames, _ in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")
-                       and not os.path.islink(os.path.join(dirpath, d))]
-        yield not dirnames
+    rows = row_stream(Settings(root=root), manifest, seen=None, is_done=None,
+                      stats=ProducerStats(), list_folders=False)
+    for _ in rows:
+        yield True
 
 
 class RowCounter:
@@ -256,11 +249,9 @@ class RowCounter:
 
     @classmethod
     def for_source(cls, manifest: Path | None, root: Path | None) -> RowCounter | None:
-        if manifest is not None:
-            return cls(_manifest_records(manifest))
-        if root is not None:
-            return cls(_root_leaves(root))
-        return None
+        if manifest is None and root is None:
+            return None
+        return cls(_rows_of(manifest, root))
 
     def step(self, budget: int = 20_000) -> bool:
         """Advance by up to ``budget`` items; True once the count is final (or failed)."""
@@ -270,7 +261,7 @@ class RowCounter:
                     self.count += 1
         except StopIteration:
             self.done = True
-        except (OSError, csv.Error, UnicodeError):
+        except (OSError, csv.Error, UnicodeError, BulkEngineError):
             # The engine reports a broken manifest itself; the panel just shows no total.
             self.done = self.failed = True
         return self.done

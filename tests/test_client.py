@@ -1,6 +1,7 @@
 """The client's status mapping, one exchange at a time, against aioresponses (no server).
 
-Every row of DESIGN.md's error-policy table that the client decides (POST /case and retrieve),
+Every row of the error-policy table (README; docs/architecture.md) that the client decides
+(POST /case and retrieve),
 ``Retry-After`` into the shared limiter's pause, 429 into its AIMD decrease, the retry budget of
 ``call_with_retries``, and the rule that no exception text ever carries the key or headers.
 """

@@ -337,7 +337,8 @@ def test_row_record_repr_hides_the_token(journal: Journal) -> None:
     rec = journal.get(make_job(1).key)
     assert rec is not None
     assert "very-secret" not in repr(rec)
-    assert rec.token_hint == "gAAAAAB-…"
+    assert rec.token_hint == "gAAAAAB-very…"  # logs.short_token: 12 characters kept
+    assert "secret" not in rec.token_hint
 
 
 def test_journal_refuses_use_from_another_thread(journal: Journal) -> None:
