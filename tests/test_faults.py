@@ -1,8 +1,8 @@
 """Hostile networks and archives, end to end: the engine against the in-process emulator.
 
 Each fault test proves four things: the reaction matches the error policy
-(docs/architecture.md), retries stay within budget (requests counted at the emulator or the fault proxy against ``max_retries``),
-nothing hangs (pytest-timeout), and every manifest row ends as exactly one output line.
+(docs/architecture.md), retries stay within budget (requests counted at the emulator or the
+fault proxy against ``max_retries``), nothing hangs (pytest-timeout), and every manifest row ends as exactly one output line.
 Faults come from the emulator's knobs where it has one, else from ``faultproxy.FaultProxy``.
 """
 

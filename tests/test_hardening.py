@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_resume import folders_of, run_until
 
 from bulk_engine.clock import FakeClock
 from bulk_engine.emulator import EmulatorConfig, run_emulator
@@ -23,6 +22,7 @@ from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
 
 from archive_factory import make_archive
 from conftest import API_KEY, engine_settings, read_lines
+from test_resume import folders_of, run_until
 
 pytestmark = pytest.mark.timeout(60)
 
