@@ -2,7 +2,8 @@
 
 Each fault test proves four things: the reaction matches the error policy
 (docs/architecture.md), retries stay within budget (requests counted at the emulator or the
-fault proxy against ``max_retries``), nothing hangs (pytest-timeout), and every manifest row ends as exactly one output line.
+fault proxy against ``max_retries``), nothing hangs (pytest-timeout), and every manifest row
+ends as exactly one output line.
 Faults come from the emulator's knobs where it has one, else from ``faultproxy.FaultProxy``.
 """
 
