@@ -47,6 +47,24 @@ from bulk_engine.logs import Redactor, get_logger
 from bulk_engine.models import FileEntry, Job
 from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, RateLimiter
 
+__all__ = [
+    "MIN_UPLOAD_BYTES_PER_S",
+    "SMALL_FOLDER_BYTES",
+    "SYNC_ANALYSIS_ALLOWANCE_S",
+    "TRANSIENT_4XX",
+    "USER_AGENT",
+    "CaseClient",
+    "ClientStats",
+    "RetrieveAnswer",
+    "SubmitAnswer",
+    "build_payload",
+    "idempotency_key",
+    "key_fingerprint",
+    "multipart_filename",
+    "request_identity",
+    "submission_for",
+]
+
 log = get_logger()
 
 # Folders up to this size are read in one worker-thread call and sent as one bytes body.
@@ -64,7 +82,7 @@ SYNC_ANALYSIS_ALLOWANCE_S = 300.0
 
 USER_AGENT = "bulk-engine/0.1"
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,12 +503,12 @@ class CaseClient:
 
     async def call_with_retries(
         self,
-        op: Callable[[], Awaitable[T]],
+        op: Callable[[], Awaitable[_T]],
         *,
         endpoint: str,
         source: str | None = None,
         on_retry: Callable[[ApiError], None] | None = None,
-    ) -> T:
+    ) -> _T:
         """Run ``op`` again on TransientError with full-jitter backoff, up to max_retries times.
 
         Every outcome is reported to ``health`` for ``endpoint`` (``submit`` or ``retrieve``)

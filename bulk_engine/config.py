@@ -20,6 +20,20 @@ from urllib.parse import urlsplit
 
 from bulk_engine.errors import ConfigError
 
+__all__ = [
+    "ANALYSE_TYPES",
+    "DEFAULT_BASE_URL",
+    "ENV_PREFIX",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "MODES",
+    "Settings",
+    "load_settings",
+    "read_env",
+    "read_toml",
+    "unknown_env",
+]
+
 DEFAULT_BASE_URL = "https://api-v2.finovox.com"
 ANALYSE_TYPES = ("decision", "explanation", "share_link")
 MODES = ("async", "sync", "auto")

@@ -47,7 +47,12 @@ from bulk_engine.submitter import Submitter, SubmitterStatistics
 from bulk_engine.vocab import ExitCode, Status
 from bulk_engine.writer import OutputLock, ReconcileReport, ResultWriter
 
-__all__ = ["Engine", "RunResult", "RunStatistics"]
+__all__ = [
+    "MAX_CONCURRENT_POLLS",
+    "Engine",
+    "RunResult",
+    "RunStatistics",
+]
 
 # Concurrent polls at most; the connection pool holds them and the uploads.
 MAX_CONCURRENT_POLLS = 64

@@ -50,6 +50,25 @@ from bulk_engine.logs import short_token
 from bulk_engine.models import Job
 from bulk_engine.vocab import RowState, Status
 
+__all__ = [
+    "DONE",
+    "OUTCOMES",
+    "PENDING",
+    "REPOLL_WINDOW_S",
+    "RETRYING",
+    "SCHEMA_VERSION",
+    "STATES",
+    "SUBMITTED",
+    "SUBMITTING",
+    "Journal",
+    "JournalReader",
+    "RebuildReport",
+    "RowRecord",
+    "describe_sqlite_error",
+    "settings_fingerprint",
+    "settings_summary",
+]
+
 SCHEMA_VERSION: Final = 2
 
 PENDING: Final = RowState.PENDING.value

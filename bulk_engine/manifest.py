@@ -39,6 +39,7 @@ from bulk_engine.models import BadRow, FileEntry, Job, fingerprint_files, row_ke
 
 __all__ = [
     "BAD_ROW_KINDS",
+    "MAX_LINE_CHARS",
     "ProducerStats",
     "RowDefaults",
     "check_manifest",

@@ -14,6 +14,19 @@ from typing import Any
 
 from bulk_engine.vocab import Status
 
+__all__ = [
+    "BadRow",
+    "ErrorInfo",
+    "FileEntry",
+    "Job",
+    "Outcome",
+    "Submitted",
+    "Ticket",
+    "fingerprint_files",
+    "iso",
+    "row_key",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:

@@ -32,6 +32,21 @@ from bulk_engine.errors import BulkEngineError
 from bulk_engine.logs import get_logger
 from bulk_engine.stats import LiveCounters
 
+__all__ = [
+    "CALL_WINDOW_S",
+    "ETA_WINDOW_S",
+    "MIN_SPAN_S",
+    "ProgressModel",
+    "RateWindow",
+    "RowCounter",
+    "eta_seconds",
+    "fmt_bytes",
+    "fmt_duration",
+    "render_panel",
+    "show_progress",
+    "status_fields",
+]
+
 log = get_logger()
 
 ETA_WINDOW_S = 60.0  # the "recent pace" the ETA follows

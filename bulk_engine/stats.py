@@ -15,6 +15,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+__all__ = [
+    "BIN_S",
+    "LatencyHistogram",
+    "LiveCounters",
+    "Summary",
+    "decision_of",
+]
+
 # Width of the completion-time bins kept for the throughput chart, seconds.
 BIN_S = 10
 

@@ -46,6 +46,20 @@ from bulk_engine.journal import RETRYING, Journal, RebuildReport
 from bulk_engine.models import Outcome, row_key
 from bulk_engine.vocab import Status
 
+__all__ = [
+    "TAIL_BYTES",
+    "OutputLock",
+    "ReconcileReport",
+    "ResultWriter",
+    "WriterStatistics",
+    "file_tail_digest",
+    "reconcile",
+    "repair_tail",
+    "rewrite_without_failed",
+    "storage_error",
+    "tail_digest",
+]
+
 log = structlog.get_logger(__name__)
 
 _CHUNK = 64 * 1024
@@ -369,6 +383,16 @@ def rewrite_without_failed(path: Path, journal: Journal) -> int:
 # ---------------------------------------------------------------------- the writer
 
 
+@dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    """Lines appended, made durable (fsynced and journaled), bytes written, fsyncs done."""
+
+    lines_written: int
+    lines_durable: int
+    bytes_written: int
+    fsyncs: int
+
+
 class ResultWriter:
     """The single consumer of Outcomes: appends their lines, fsyncs in batches, then journals.
 
@@ -418,14 +442,10 @@ class ResultWriter:
         self._wake: anyio.Event | None = None
         self._flush_lock: anyio.Lock | None = None
 
-    def stats(self) -> dict[str, Any]:
-        """The writer's counters, for the run's stats record."""
-        return {
-            "lines_written": self.lines_written,
-            "lines_durable": self.lines_durable,
-            "bytes_written": self.bytes_written,
-            "fsyncs": self.fsyncs,
-        }
+    def statistics(self) -> WriterStatistics:
+        """The writer's counters."""
+        return WriterStatistics(self.lines_written, self.lines_durable, self.bytes_written,
+                                self.fsyncs)
 
     async def run(self, receive: anyio.abc.ObjectReceiveStream[Outcome]) -> None:
         """Consume ``receive`` until it ends (or the task is cancelled), then flush everything.

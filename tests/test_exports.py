@@ -31,9 +31,7 @@ NOT_API = frozenset({"log"})
 # Modules other engineers are changing right now: their `__all__` is requested in the hand-over
 # (the exact lists are in the report); remove a module from here when it has one.
 PENDING = frozenset({
-    "bulk_engine.client", "bulk_engine.config", "bulk_engine.engine", "bulk_engine.journal",
-    "bulk_engine.manifest", "bulk_engine.models", "bulk_engine.progress",
-    "bulk_engine.ratelimit", "bulk_engine.scheduler", "bulk_engine.stats", "bulk_engine.writer",
+    "bulk_engine.ratelimit", "bulk_engine.scheduler",
     "bulk_engine.emulator.__main__", "bulk_engine.emulator.app",
     "bulk_engine.emulator.cli", "bulk_engine.emulator.config", "bulk_engine.emulator.process",
     "bulk_engine.emulator.server", "bulk_engine.emulator.state", "bulk_engine.emulator.upload",
