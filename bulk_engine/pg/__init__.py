@@ -1,0 +1,1 @@
+"""PostgreSQL building blocks for many workers sharing one backfill (``--db postgresql://…``)."""
