@@ -351,7 +351,9 @@ async def _governor_child(dsn: str, key: str, rate: float, burst: int,
                           seconds: float) -> dict[str, Any]:
     """Reserve through the shared governor as fast as it allows for ``seconds``.
 
-    Reports the database-clock time of every grant (the moment its call would go).
+    Reports every grant as ``[at, wall]``: the database-clock time of its slot and this
+    machine's wall clock when ``acquire`` returned (every child runs on this machine, so wall
+    times compare across children).
     """
     from bulk_engine.pg.connect import Database
     from bulk_engine.pg.governor import Governor
@@ -361,11 +363,11 @@ async def _governor_child(dsn: str, key: str, rate: float, burst: int,
         gov = await Governor.open(db, key, rate=rate, burst=burst, configure=False)
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
-        grants: list[float] = []
+        grants: list[list[float]] = []
         stop = time.monotonic() + seconds
         while time.monotonic() < stop:
             grant = await gov.acquire()
-            grants.append(grant.at)
+            grants.append([grant.at, time.time()])
         return {"grants": grants, "stats": gov.statistics().as_dict()}
     finally:
         await db.close()

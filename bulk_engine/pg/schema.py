@@ -190,7 +190,8 @@ $$;
 
 -- A 429: halve the rate in force (once per second across every worker), floor min_rate, and
 -- drop any saved-up burst.
-CREATE FUNCTION bulk_engine.gov_throttled(p_key text, p_now double precision DEFAULT NULL)
+CREATE FUNCTION bulk_engine.gov_throttled(p_key text, p_events integer DEFAULT 1,
+                                          p_now double precision DEFAULT NULL)
 RETURNS TABLE (decreased boolean, rate double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -205,7 +206,7 @@ BEGIN
     END IF;
     v_rate := bulk_engine.gov_rate(g.rate, g.decreased_rate, g.decreased_at, v_now);
     IF v_now - g.decreased_at < 1.0 AND v_now >= g.decreased_at THEN
-        UPDATE bulk_engine.governors AS x SET throttled_events = x.throttled_events + 1
+        UPDATE bulk_engine.governors AS x SET throttled_events = x.throttled_events + p_events
          WHERE x.key_fp = p_key;
         RETURN QUERY SELECT false, v_rate;
         RETURN;
@@ -214,7 +215,8 @@ BEGIN
     UPDATE bulk_engine.governors AS x
        SET decreased_rate = v_new, decreased_at = v_now,
            tat = greatest(x.tat, v_now + (x.burst - 1) / v_new),
-           throttled_events = x.throttled_events + 1, rate_decreases = x.rate_decreases + 1,
+           throttled_events = x.throttled_events + p_events,
+           rate_decreases = x.rate_decreases + 1,
            updated_at = clock_timestamp()
      WHERE x.key_fp = p_key;
     RETURN QUERY SELECT true, v_new;
