@@ -11,7 +11,13 @@ import time
 import pytest
 
 from bulk_engine.pg.connect import Database
-from bulk_engine.pg.governor import PRIORITY_POLL, PRIORITY_SUBMIT, GcraState, Governor
+from bulk_engine.pg.governor import (
+    PRIORITY_POLL,
+    PRIORITY_SUBMIT,
+    RESERVE_SQL,
+    GcraState,
+    Governor,
+)
 from bulk_engine.pg.rows import RowSpec, RunStore
 
 from pg_cluster import (  # noqa: F401 - fixtures
@@ -100,8 +106,7 @@ async def test_sql_computes_what_the_model_computes(pg_db: Database) -> None:
         now = T0 + offset
         async with pg_db.session() as c:
             if op == "r":
-                got = dict(await c.fetchrow("SELECT * FROM bulk_engine.gov_reserve($1, $2, $3)",
-                                            gov.key_fp, arg, now))
+                got = dict(await c.fetchrow(RESERVE_SQL, gov.key_fp, arg, now))
                 want = model.reserve(now, arg)
                 assert got["granted"] == want.granted, (op, offset)
                 assert got["at"] == pytest.approx(want.at, abs=1e-6), (op, offset)

@@ -10,9 +10,9 @@ theoretical arrival time ``tat``; a call at ``t`` conforms if ``t >= tat - tau``
 ``T = 1/rate`` and ``tau = (burst - 1) * T``, and then ``tat = max(tat, t) + T``. Over any window
 of length W at most ``burst + rate * W`` calls are granted, whichever worker asks.
 
-A reservation is one round trip (``SELECT * FROM bulk_engine.gov_reserve(key, max_ahead)``: one
-``SELECT … FOR UPDATE`` and one ``UPDATE`` of the key's row in a PL/pgSQL function). It may book a
-slot up to ``max_ahead`` seconds in the future; the worker then sleeps until the slot (on its own
+A reservation is one round trip: one ``UPDATE … RETURNING`` of the key's row
+(:data:`RESERVE_SQL`, the step itself in the SQL function ``gov_step``). It may book a slot up to
+``max_ahead`` seconds in the future; the worker then sleeps until the slot (on its own
 monotonic clock: a duration computed by the database, not a date). Each process books one slot
 at a time, so at most one slot per worker is ever outstanding.
 
@@ -64,6 +64,7 @@ log = get_logger()
 __all__ = [
     "PRIORITY_POLL",
     "PRIORITY_SUBMIT",
+    "RESERVE_SQL",
     "GcraState",
     "Governor",
     "GovernorStatistics",
@@ -72,6 +73,22 @@ __all__ = [
 ]
 
 MAX_PAUSE_S = 300.0
+
+#: One reservation: $1 key fingerprint, $2 max_ahead, $3 the time (NULL: the database clock;
+#: tests pass explicit times). One HOT update of one row; the answer comes back in ``last_*``.
+RESERVE_SQL = """
+UPDATE bulk_engine.governors x
+   SET (tat, pause_until, granted, last_granted, last_at, last_wait, last_rate, last_now) =
+       (SELECT s.n_tat, s.n_pause, x.granted + s.ok::int, s.ok, s.at, s.wait, s.rate, n.now
+          FROM (SELECT coalesce($3::double precision,
+                                extract(epoch FROM clock_timestamp())::double precision) AS now
+               ) n,
+               bulk_engine.gov_step(x.tat, x.pause_until, x.rate, x.burst, x.decreased_rate,
+                                    x.decreased_at, n.now, $2) s)
+ WHERE x.key_fp = $1
+RETURNING last_granted AS granted, last_at AS at, last_wait AS wait, last_rate AS rate,
+          pause_until, last_now AS db_now
+"""
 DECREASE_FACTOR = 0.5
 DECREASE_WINDOW_S = 1.0
 RECOVERY_PER_SECOND = 0.05
@@ -425,9 +442,9 @@ class Governor:
             await self._clock.sleep(left)
         epoch = self._pause_epoch
         rec = await self.db.run(lambda c: c.fetchrow(
-            "SELECT * FROM bulk_engine.gov_reserve($1, $2)", self.key_fp, self.max_ahead),
-            what="reserve an API call")
-        assert rec is not None
+            RESERVE_SQL, self.key_fp, self.max_ahead, None), what="reserve an API call")
+        if rec is None:
+            raise RuntimeError(f"the governor row of {self.key_fp} is gone")
         self._reservations += 1
         res = Reservation(**dict(rec))
         self._current_rate = res.rate

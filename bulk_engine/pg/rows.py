@@ -17,11 +17,11 @@ expire), then ``pending``/``submitting`` rows in manifest order. Each claim bump
 says whether it happened: a worker that was paused (GC, SIGSTOP, a network cut) past its lease,
 while another worker claimed the row, is refused, so it can never write a second line or move a
 row it no longer owns. Expiry is judged on the database clock only; workers' clocks are never
-compared. A claim also renews every lease the worker still holds (one statement), and
-:meth:`RunStore.renew` does it alone. :class:`LeaseKeeper` tells a worker how long its leases
-are surely valid, measured on its own monotonic clock from the moment it *sent* the last
-successful claim or renewal (the database set the expiry later than that, so this is
-conservative); once that horizon passes the worker must make no API call for its rows.
+compared. :meth:`RunStore.renew` extends every lease the worker holds in one statement.
+:class:`LeaseKeeper` renews periodically and tells a worker how long its leases are surely
+valid, measured on its own monotonic clock from the moment it *sent* the claim or renewal that
+set them (the database set the expiry later than that, so this is conservative); once that
+horizon passes the worker must make no API call for its rows.
 
 Transitions are idempotent for their (worker, epoch): a retry after a lost answer finds the row
 already moved and succeeds again (``finish`` even after the lease ran out, if it had committed).
@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import socket
 import uuid
@@ -390,11 +391,12 @@ class RunStore:
                     api_key_fp: str | None = None) -> list[ClaimedRow]:
         """Lease up to ``n`` free rows to ``worker`` for ``lease_s`` seconds (database clock).
 
-        Live tokens first (state ``submitted``; with ``api_key_fp``, only tokens of that key:
-        a token works only with the key that got it), then ``pending``/``submitting`` rows in
-        manifest order. Each claimed row's epoch is bumped. The same statement renews every
-        lease ``worker`` still holds and its heartbeat.
-        Data-modifying CTEs run to completion whether or not the main query reads them.
+        Free: never leased (or released), or their lease ran out. Live tokens first (state
+        ``submitted``; with ``api_key_fp``, only tokens of that key: a token works only with
+        the key that got it), then ``pending``/``submitting`` rows in manifest order. Each
+        claimed row's epoch is bumped. Leased rows are in neither index the claim reads, so
+        its cost does not grow with the rows the workers hold. A claim does not renew the
+        worker's other leases: :meth:`renew` does (``LeaseKeeper.run``).
         """
         if n < 1:
             return []
@@ -404,23 +406,27 @@ class RunStore:
         async def op(c: Conn) -> list[asyncpg.Record]:
             rows: list[asyncpg.Record] = await c.fetch(
                 """
-                WITH renewed AS (
-                    UPDATE bulk_engine.rows
-                       SET lease_expires_at = clock_timestamp() + make_interval(secs => $4)
-                     WHERE run = $1 AND lease_owner = $2 AND state <> 'done'
-                       AND lease_expires_at > clock_timestamp()
-                    RETURNING 1
-                ), beat AS (
-                    UPDATE bulk_engine.workers SET heartbeat_at = clock_timestamp()
-                     WHERE id = $2 RETURNING 1
-                ), free AS (
-                    SELECT key FROM bulk_engine.rows
+                WITH expired AS (
+                    SELECT key, state, line FROM bulk_engine.rows
                      WHERE run = $1 AND state IN ('pending', 'submitting', 'submitted')
-                       AND (lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp())
+                       AND lease_expires_at IS NOT NULL
+                       AND lease_expires_at <= clock_timestamp()
                        AND (state <> 'submitted' OR $5::text IS NULL OR api_key_fp = $5)
                      ORDER BY (state <> 'submitted'), line, key
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED
+                ), never AS (
+                    SELECT key, state, line FROM bulk_engine.rows
+                     WHERE run = $1 AND state IN ('pending', 'submitting', 'submitted')
+                       AND lease_expires_at IS NULL
+                       AND (state <> 'submitted' OR $5::text IS NULL OR api_key_fp = $5)
+                     ORDER BY (state <> 'submitted'), line, key
+                     LIMIT $3
+                     FOR UPDATE SKIP LOCKED
+                ), free AS (
+                    SELECT key FROM (SELECT * FROM expired UNION ALL SELECT * FROM never) f
+                     ORDER BY (state <> 'submitted'), line, key
+                     LIMIT $3
                 )
                 UPDATE bulk_engine.rows AS r
                    SET lease_owner = $2, epoch = r.epoch + 1,
@@ -738,35 +744,44 @@ class LeaseKeeper:
         self.margin_s = float(lease_s / 6 if margin_s is None else margin_s)
         self.api_key_fp = api_key_fp
         self.clock = clock or MonotonicClock()
-        self._valid_until = -float("inf")
+        self._renewed_sent: float | None = None  # the last renewal that succeeded, when sent
+        self._claim_sent: float | None = None  # the first claim no renewal covers yet
+        self._claim_done = -math.inf  # when the last claim came back
         self.renewals = 0
-        self.lost = asyncio.Event()  # set when the horizon passed with leases held
+        self.lost = asyncio.Event()  # set when the horizon passed while renewing
+
+    def horizon(self) -> float:
+        """Until when (this process's clock) every held lease is surely current."""
+        times = [t for t in (self._renewed_sent, self._claim_sent) if t is not None]
+        return min(times) + self.lease_s - self.margin_s if times else -math.inf
 
     def valid(self) -> bool:
         """True while every lease this worker holds is surely still current."""
-        return self.clock.now() < self._valid_until
+        return self.clock.now() < self.horizon()
 
     def remaining(self) -> float:
         """Seconds the leases are surely valid for (negative: past the horizon)."""
-        return self._valid_until - self.clock.now()
-
-    def _confirm(self, sent_at: float) -> None:
-        self._valid_until = max(self._valid_until, sent_at + self.lease_s - self.margin_s)
-        self.lost.clear()
+        return self.horizon() - self.clock.now()
 
     async def claim(self, n: int) -> list[ClaimedRow]:
-        """Claim up to ``n`` rows (and renew the others); extends the horizon."""
+        """Claim up to ``n`` rows for ``lease_s``."""
         sent = self.clock.now()
         rows = await self.store.claim(self.worker, n, self.lease_s, api_key_fp=self.api_key_fp)
-        if self.clock.now() - sent < self.lease_s - self.margin_s:
-            self._confirm(sent)
+        if rows and self._claim_sent is None:
+            self._claim_sent = sent
+        self._claim_done = self.clock.now()
         return rows
 
     async def renew(self) -> int:
+        """Extend every lease held; a renewal sent after the last claim returned covers it."""
         sent = self.clock.now()
         n = await self.store.renew(self.worker, self.lease_s)
         self.renewals += 1
-        self._confirm(sent)
+        self._renewed_sent = sent if self._renewed_sent is None else max(self._renewed_sent,
+                                                                         sent)
+        if sent >= self._claim_done:
+            self._claim_sent = None
+        self.lost.clear()
         return n
 
     async def run(self) -> None:

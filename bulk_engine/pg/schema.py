@@ -24,9 +24,9 @@ Tables (``MIGRATIONS[0]``):
 * ``governors``: one per API key fingerprint: GCRA state on the database clock, the shared
   ``Retry-After`` pause, the 429 back-off, and the parallel-analysis window.
 
-The governor's arithmetic is SQL functions (``gov_rate``, ``gov_reserve``, ``gov_throttled``,
-``gov_pause``) so that a reservation is one round trip holding the row lock for microseconds;
-``governor.py`` holds the same arithmetic in Python for its unit tests.
+The governor's arithmetic is SQL functions (``gov_rate``, ``gov_step``, ``gov_throttled``,
+``gov_pause``) so that a reservation is one ``UPDATE … RETURNING`` holding the row lock for
+microseconds; ``governor.py`` holds the same arithmetic in Python for its unit tests.
 """
 
 from __future__ import annotations
@@ -91,9 +91,13 @@ CREATE TABLE bulk_engine.rows (
     CHECK ((state = 'done') = (outcome IS NOT NULL AND output IS NOT NULL)),
     CHECK (state <> 'submitted' OR token IS NOT NULL)
 );
--- Claims: live tokens first, then pending/submitting rows in manifest order.
-CREATE INDEX rows_claim ON bulk_engine.rows (run, (state <> 'submitted'), line, key)
-    WHERE state IN ('pending', 'submitting', 'submitted');
+-- Claims read two indexes that never hold a leased row, so a claim costs the same however
+-- many rows the workers hold: rows never leased (or released), live tokens first then manifest
+-- order; and leases that ran out, in expiry order (a range scan that stops at "now").
+CREATE INDEX rows_free ON bulk_engine.rows (run, (state <> 'submitted'), line, key)
+    WHERE state IN ('pending', 'submitting', 'submitted') AND lease_expires_at IS NULL;
+CREATE INDEX rows_leased ON bulk_engine.rows (run, lease_expires_at)
+    WHERE state IN ('pending', 'submitting', 'submitted') AND lease_expires_at IS NOT NULL;
 -- Renewals and per-worker counts: the rows a worker holds.
 CREATE INDEX rows_held ON bulk_engine.rows (run, lease_owner) WHERE state <> 'done';
 CREATE INDEX rows_state ON bulk_engine.rows (run, state);
@@ -130,6 +134,12 @@ CREATE TABLE bulk_engine.governors (
     rate_decreases       bigint NOT NULL DEFAULT 0,
     paused_seconds_total double precision NOT NULL DEFAULT 0,
     window_limit         integer CHECK (window_limit IS NULL OR window_limit >= 1),
+    -- The answer to the last reservation: what the reserving UPDATE returns.
+    last_granted         boolean,
+    last_at              double precision,
+    last_wait            double precision,
+    last_rate            double precision,
+    last_now             double precision,
     updated_at           timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
@@ -143,47 +153,42 @@ RETURNS double precision LANGUAGE sql IMMUTABLE AS $$
            END
 $$;
 
--- One reservation (GCRA, burst included, after any pause). Grants a slot at most max_ahead
--- seconds ahead: granted, at (when the call may go), wait (at - now); otherwise not granted and
--- wait says when to ask again. p_now is for tests; NULL means clock_timestamp().
-CREATE FUNCTION bulk_engine.gov_reserve(p_key text, p_max_ahead double precision,
-                                        p_now double precision DEFAULT NULL)
-RETURNS TABLE (granted boolean, at double precision, wait double precision,
-               rate double precision, pause_until double precision, db_now double precision)
-LANGUAGE plpgsql AS $$
+-- One reservation step (GCRA, burst included, after any pause), pure arithmetic: the
+-- reserving UPDATE (governor.RESERVE_SQL) applies it to the key's row and returns its answer.
+-- Grants a slot at most max_ahead seconds ahead: ok, at (when the call may go), wait (at - now);
+-- otherwise not ok, and wait says when to ask again. Mirrors governor.GcraState.reserve.
+CREATE FUNCTION bulk_engine.gov_step(
+    tat double precision, pause_until double precision, ceiling double precision,
+    burst integer, decreased double precision, decreased_at double precision,
+    now double precision, max_ahead double precision,
+    OUT n_tat double precision, OUT n_pause double precision, OUT ok boolean,
+    OUT at double precision, OUT wait double precision, OUT rate double precision)
+LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    g bulk_engine.governors%ROWTYPE;
-    v_now double precision := coalesce(p_now, extract(epoch FROM clock_timestamp()));
-    v_rate double precision;
-    v_t double precision;
-    v_tau double precision;
-    v_pause double precision;
-    v_base double precision;
-    v_allowed double precision;
+    t double precision;
+    tau double precision;
+    base double precision;
+    allowed double precision;
 BEGIN
-    SELECT * INTO g FROM bulk_engine.governors AS x WHERE x.key_fp = p_key FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no governor for key %', p_key USING ERRCODE = 'no_data_found';
-    END IF;
-    v_rate := bulk_engine.gov_rate(g.rate, g.decreased_rate, g.decreased_at, v_now);
-    v_t := 1.0 / v_rate;
-    v_tau := (g.burst - 1) * v_t;
-    v_pause := least(g.pause_until, v_now + 300);  -- a clock stepped back cannot pause for ever
+    rate := bulk_engine.gov_rate(ceiling, decreased, decreased_at, now);
+    t := 1.0 / rate;
+    tau := (burst - 1) * t;
+    n_pause := least(pause_until, now + 300);  -- a clock stepped back cannot pause for ever
     -- The latest TAT a grant can leave; more means the clock stepped back: forget the excess.
-    v_base := least(greatest(g.tat, v_now), greatest(v_pause, v_now + p_max_ahead) + v_tau + v_t);
-    IF v_pause > v_base - v_tau THEN
-        v_base := v_pause + v_tau;  -- after a pause the bucket holds one token, not a burst
+    base := least(greatest(tat, now), greatest(n_pause, now + max_ahead) + tau + t);
+    IF n_pause > base - tau THEN
+        base := n_pause + tau;  -- after a pause the bucket holds one token, not a burst
     END IF;
-    v_allowed := v_base - v_tau;
-    IF v_allowed <= v_now + p_max_ahead THEN
-        UPDATE bulk_engine.governors AS x
-           SET tat = v_base + v_t, granted = x.granted + 1, pause_until = v_pause
-         WHERE x.key_fp = p_key;
-        RETURN QUERY SELECT true, greatest(v_allowed, v_now), greatest(0.0, v_allowed - v_now),
-                            v_rate, v_pause, v_now;
+    allowed := base - tau;
+    ok := allowed <= now + max_ahead;
+    IF ok THEN
+        n_tat := base + t;
+        at := greatest(allowed, now);
+        wait := greatest(0.0, allowed - now);
     ELSE
-        RETURN QUERY SELECT false, v_allowed, v_allowed - p_max_ahead - v_now, v_rate, v_pause,
-                            v_now;
+        n_tat := tat;
+        at := allowed;
+        wait := allowed - max_ahead - now;
     END IF;
 END
 $$;
