@@ -8,6 +8,7 @@ import traceback
 from urllib.parse import quote
 
 import pytest
+from structlog.testing import capture_logs
 
 from bulk_engine.errors import ConfigError
 from bulk_engine.pg.connect import Database, DatabaseUnavailable, key_fingerprint, redact_dsn
@@ -143,18 +144,25 @@ async def test_operations_wait_through_a_crash_restart_and_recover(
     unavailable, and the operation completes once the server is back."""
     db = pg_db
     assert await db.run(lambda c: c.fetchval("SELECT 1"), what="probe") == 1
-    await asyncio.to_thread(pg_cluster.stop, "immediate")
-    try:
-        task = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 42"), what="probe"))
-        await eventually(lambda: db.statistics().retries >= 3, timeout=20,
-                         what="retries while the server is down")
-        assert not task.done()
-        assert not db.available
-    finally:
-        await asyncio.to_thread(pg_cluster.start)
-    assert await asyncio.wait_for(task, 30) == 42
+    with capture_logs() as logs:
+        await asyncio.to_thread(pg_cluster.stop, "immediate")
+        try:
+            task = asyncio.create_task(db.run(lambda c: c.fetchval("SELECT 42"),
+                                              what="count the rows"))
+            await eventually(lambda: db.statistics().retries >= 3, timeout=20,
+                             what="retries while the server is down")
+            assert not task.done()
+            assert not db.available
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+        assert await asyncio.wait_for(task, 30) == 42
     stats = db.statistics()
     assert db.available and stats.outages == 1 and stats.unavailable_seconds > 0
+    events = [e["event"] for e in logs]
+    assert events.count("db_unavailable") == 1 and events[-1] == "db_recovered"
+    down = next(e for e in logs if e["event"] == "db_unavailable")
+    assert down["doing"] == "count the rows" and down["port"] == pg_cluster.port
+    assert TEST_PASSWORD not in repr(logs)
 
 
 async def test_give_up_after_raises_database_unavailable(pg_cluster: PgCluster,

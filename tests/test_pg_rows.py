@@ -437,6 +437,65 @@ async def test_reset_failed_puts_failed_rows_back_and_drops_their_lines(
     assert again.key == "row00000" and again.state is RowState.PENDING
 
 
+# ---------------------------------------------------------------------- the lease horizon
+
+
+class _Clock:
+    """A clock the fake store moves: a call "takes" the time the test says."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class _Store:
+    """claim/renew that take ``took`` seconds on the shared clock."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.took = 0.0
+
+    async def claim(self, worker: str, n: int, lease_s: float, *,
+                    api_key_fp: str | None = None) -> list[object]:
+        self.clock.t += self.took
+        return [object()] * n
+
+    async def renew(self, worker: str, lease_s: float) -> int:
+        self.clock.t += self.took
+        return 1
+
+
+async def test_lease_horizon_counts_from_when_each_lease_was_set() -> None:
+    """valid() holds until lease - margin after the claim or renewal that set the oldest held
+    lease was *sent*; a renewal sent while a claim was in flight does not cover that claim."""
+    clock = _Clock()
+    store = _Store(clock)
+    keeper = LeaseKeeper(store, "w", lease_s=60, margin_s=10, clock=clock)  # type: ignore[arg-type]
+    assert not keeper.valid()  # holds nothing yet: no call allowed
+    store.took = 0.5
+    await keeper.claim(3)  # sent at 0
+    assert keeper.horizon() == 50
+    clock.t = 20
+    await keeper.renew()  # sent at 20, after the claim returned: covers it
+    assert keeper.horizon() == 70
+    clock.t, store.took = 40, 2.0
+    await keeper.claim(1)  # sent at 40, came back at 42: later than the renewal
+    assert keeper.horizon() == 70
+    clock.t = 41  # a renewal sent at 41, while that claim was still in flight
+    await keeper.renew()
+    assert keeper.horizon() == 40 + 50  # it may not have seen the rows claimed at 40
+    clock.t = 60
+    await keeper.renew()  # sent after the claim came back: covers everything
+    assert keeper.horizon() == 110
+    clock.t = 111
+    assert not keeper.valid() and keeper.remaining() < 0
+
+
 # ---------------------------------------------------------------------- outages
 
 
