@@ -410,7 +410,9 @@ class RunStore:
                     SELECT key, state, line FROM bulk_engine.rows
                      WHERE run = $1 AND state IN ('pending', 'submitting', 'submitted')
                        AND lease_expires_at IS NOT NULL
-                       AND lease_expires_at <= clock_timestamp()
+                       -- stable, so the index can use it; never later than clock_timestamp(),
+                       -- so the old holder's fence agrees the lease is over
+                       AND lease_expires_at <= statement_timestamp()
                        AND (state <> 'submitted' OR $5::text IS NULL OR api_key_fp = $5)
                      ORDER BY (state <> 'submitted'), line, key
                      LIMIT $3
