@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import math
 import time
 
@@ -129,9 +130,8 @@ async def test_burst_is_honoured_then_the_rate(pg_db: Database) -> None:
     """A fresh key with burst 5 at 2/s: five grants for the same moment, the sixth 0.5 s on."""
     gov = await _governor(pg_db, 2, 5)
     grants = [await gov.acquire() for _ in range(6)]
-    first = grants[0].at
-    assert all(g.at - first < 0.05 for g in grants[:5])
-    assert grants[5].at - first >= 0.5 - 1e-6
+    assert [g.wait for g in grants[:5]] == [0.0] * 5
+    assert grants[5].wait > 0 and grants[5].at - grants[0].at >= 0.5 - 1e-6
 
 
 async def test_polls_go_before_submits(pg_db: Database) -> None:
@@ -187,7 +187,7 @@ async def test_a_retry_after_pauses_every_worker_then_one_token(pg_db: Database,
         waited = time.monotonic() - start
         g2 = await b.acquire()
     assert waited >= 0.85
-    assert g2.at - g1.at == pytest.approx(0.1, abs=0.01)
+    assert g2.at - g1.at >= 0.1 - 1e-6  # one token after the pause, then the rate
 
 
 async def test_a_429_halves_the_shared_rate_once_for_a_burst_of_them(pg_db: Database,
@@ -256,10 +256,13 @@ async def test_four_processes_share_the_rate_within_3_percent(pg_dsn: str, rate:
     n = len(ats)
     db_rate = (n - burst) / (ats[-1] - ats[0])
     wall_rate = (n - burst) / (walls[-1] - walls[0])
-    assert db_rate == pytest.approx(rate, rel=0.03)
-    assert wall_rate == pytest.approx(rate, rel=0.03)
-    assert _max_in_window(ats, 1.0) <= burst + rate
-    assert min(len(g) for g in per_child) >= n / procs / 2
+    seen = (f"{n} grants, {db_rate:.2f}/s on the database clock, {wall_rate:.2f}/s wall, "
+            f"shares {[len(g) for g in per_child]}, longest gap "
+            f"{max(b - a for a, b in itertools.pairwise(ats)):.3f} s")
+    assert _max_in_window(ats, 1.0) <= burst + rate, seen  # never above: load-proof
+    assert db_rate == pytest.approx(rate, rel=0.03), seen
+    assert wall_rate == pytest.approx(rate, rel=0.03), seen
+    assert min(len(g) for g in per_child) >= n / procs / 2, seen
     assert sum(r["stats"]["granted"] for r in results) == n
 
 

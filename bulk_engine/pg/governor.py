@@ -172,6 +172,7 @@ class Grant:
     at: float
     rate: float
     priority: int
+    wait: float = 0.0  # seconds slept for the slot (0: a token was there, burst included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +427,7 @@ class Governor:
         priority, _, _ = heapq.heappop(self._queue)
         self._live -= 1
         self._granted += 1
-        head.grant = Grant(grant.at, grant.rate, priority)
+        head.grant = Grant(grant.at, grant.rate, priority, grant.wait)
         head.notify()
 
     def _hand_off(self) -> None:
@@ -460,7 +461,7 @@ class Governor:
         if res.wait >= self.recheck_after and await self._paused_in_db():
             self._dropped += 1  # another worker's pause came while we waited
             return None
-        return Grant(res.at, res.rate, PRIORITY_SUBMIT)  # the priority is the taker's
+        return Grant(res.at, res.rate, PRIORITY_SUBMIT, res.wait)  # the priority: the taker's
 
     async def _paused_in_db(self) -> bool:
         paused = await self.db.run(lambda c: c.fetchval(

@@ -98,9 +98,8 @@ CREATE INDEX rows_free ON bulk_engine.rows (run, (state <> 'submitted'), line, k
     WHERE state IN ('pending', 'submitting', 'submitted') AND lease_expires_at IS NULL;
 CREATE INDEX rows_leased ON bulk_engine.rows (run, lease_expires_at)
     WHERE state IN ('pending', 'submitting', 'submitted') AND lease_expires_at IS NOT NULL;
--- Renewals and per-worker counts: the rows a worker holds.
+-- Renewals and per-worker counts: the rows a worker holds; "any row left?" (finished()).
 CREATE INDEX rows_held ON bulk_engine.rows (run, lease_owner) WHERE state <> 'done';
-CREATE INDEX rows_state ON bulk_engine.rows (run, state);
 CREATE UNIQUE INDEX rows_done_seq ON bulk_engine.rows (run, done_seq)
     WHERE done_seq IS NOT NULL;
 CREATE INDEX rows_unnumbered ON bulk_engine.rows (run, done_at)
