@@ -165,6 +165,29 @@ async def test_operations_wait_through_a_crash_restart_and_recover(
     assert TEST_PASSWORD not in repr(logs)
 
 
+async def test_a_worker_started_before_its_database_waits_for_it(pg_cluster: PgCluster,
+                                                                  pg_dsn: str) -> None:
+    """connect(wait_s=...) while the server is down: it says it waits, then connects."""
+    await asyncio.to_thread(pg_cluster.stop, "fast")
+    try:
+        with capture_logs() as logs:
+            task = asyncio.create_task(Database.connect(pg_dsn, wait_s=60))
+            await eventually(lambda: any(e["event"] == "db_waiting" for e in logs),
+                             timeout=10, what="the wait to be logged")
+            assert not task.done()
+    finally:
+        await asyncio.to_thread(pg_cluster.start)
+    db = await asyncio.wait_for(task, 60)
+    await db.close()
+    assert TEST_PASSWORD not in repr(logs)
+
+
+async def test_without_migrating_an_empty_database_is_a_config_error(pg_dsn: str) -> None:
+    """A reader (migrate=False) on a database no worker set up yet is told so."""
+    with pytest.raises(ConfigError, match="has no bulk_engine tables yet"):
+        await Database.connect(pg_dsn, migrate=False)
+
+
 async def test_give_up_after_raises_database_unavailable(pg_cluster: PgCluster,
                                                          pg_db: Database) -> None:
     """A caller that cannot wait for ever gets DatabaseUnavailable, naming what it was doing."""

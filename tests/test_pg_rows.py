@@ -95,6 +95,17 @@ async def test_joining_a_run_with_other_settings_is_a_config_error(pg_db: Databa
                             settings_summary='{"x":2}')
 
 
+async def test_export_can_find_runs_without_their_settings(pg_db: Database) -> None:
+    """list_runs/join: the export command finds a run by name alone; an unknown name is a
+    ConfigError that lists the runs there are."""
+    await open_store(pg_db, "alpha")
+    await open_store(pg_db, "beta")
+    assert [r.name for r in await RunStore.list_runs(pg_db)] == ["alpha", "beta"]
+    assert (await RunStore.join(pg_db, "beta")).run.name == "beta"
+    with pytest.raises(ConfigError, match="runs there: 'alpha', 'beta'"):
+        await RunStore.join(pg_db, "gamma")
+
+
 def test_run_identity_follows_the_manifest_content_not_its_path(tmp_path: Path) -> None:
     """The same manifest mounted in two places is one run; another analyse_type is another."""
     a, b = tmp_path / "a.csv", tmp_path / "sub" / "b.csv"

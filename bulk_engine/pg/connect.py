@@ -79,6 +79,16 @@ RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+#: At startup, errors that mean "not reachable yet" (``connect(wait_s=...)`` waits on them).
+_STARTUP_TRANSIENT: tuple[type[BaseException], ...] = (
+    ConnectionError,  # refused, reset (DNS failures and TLS errors are not waited on)
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.PostgresConnectionError,
+)
+
+
 class DatabaseUnavailable(BulkEngineError):
     """The database could not be reached within the caller's ``give_up_after``."""
 
@@ -222,26 +232,42 @@ class Database:
 
     @classmethod
     async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10,
-                      connect_timeout: float = 10.0, migrate: bool = True,
+                      connect_timeout: float = 10.0, wait_s: float = 0.0, migrate: bool = True,
                       application_name: str = "bulk_engine") -> Database:
         """Connect (and by default create or upgrade the schema); ConfigError if it cannot.
 
-        The error names the host, port, user and database and what to fix, never the password.
+        ``wait_s``: how long to keep trying while the server is unreachable or starting up
+        (workers often start before their database); a refused password, a missing database
+        and the like fail at once. The error names the host, port, user and database and what
+        to fix, never the password.
         """
         parts, password = parse_dsn(dsn)
-        try:
-            # One plain connection first: its error says precisely what is wrong, where a pool
-            # would retry or hide it.
-            probe = await asyncpg.connect(dsn, timeout=connect_timeout,
-                                          server_settings={"application_name": application_name})
-            await probe.close()
-            pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout,
-                command_timeout=60.0, server_settings={"application_name": application_name},
-            )
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError,
-                ValueError) as exc:
-            raise _config_error(exc, parts, password) from None
+        settings = {"application_name": application_name}
+        deadline = time.monotonic() + max(0.0, wait_s)
+        rng = random.Random()
+        attempt = 0
+        while True:
+            try:
+                # One plain connection first: its error says precisely what is wrong, where a
+                # pool would retry or hide it.
+                probe = await asyncpg.connect(dsn, timeout=connect_timeout,
+                                              server_settings=settings)
+                await probe.close()
+                pool = await asyncpg.create_pool(
+                    dsn, min_size=min_size, max_size=max_size, timeout=connect_timeout,
+                    command_timeout=60.0, server_settings=settings)
+                break
+            except _STARTUP_TRANSIENT as exc:
+                delay = full_jitter(attempt, base=0.1, cap=RETRY_CAP_S, rng=rng)
+                if time.monotonic() + delay > deadline:
+                    raise _config_error(exc, parts, password) from None
+                if attempt == 0:
+                    log.warning("db_waiting", host=parts.host, port=parts.port,
+                                error=type(exc).__name__, wait_s=wait_s)
+                attempt += 1
+                await asyncio.sleep(delay)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
+                raise _config_error(exc, parts, password) from None
         db = cls(pool, parts)
         try:
             if migrate:
@@ -251,8 +277,12 @@ class Database:
                     await _migrate(conn)
             db._key_salt = await db.run(
                 lambda c: c.fetchval("SELECT value FROM bulk_engine.meta WHERE key='key_salt'"),
-                what="read the key salt", give_up_after=connect_timeout,
-            ) if migrate else None
+                what="read the key salt", give_up_after=connect_timeout)
+        except asyncpg.UndefinedTableError:
+            await pool.close()
+            raise ConfigError(
+                f"{parts.where()} has no bulk_engine tables yet: connect once with "
+                "migrate=True (any worker does) before reading it") from None
         except asyncpg.InsufficientPrivilegeError as exc:
             await pool.close()
             raise _config_error(exc, parts, password) from None

@@ -285,6 +285,29 @@ class RunStore:
             )
         return cls(db, _run_info(rec))
 
+    @classmethod
+    async def join(cls, db: Database, name: str) -> RunStore:
+        """The existing run ``name``, whatever its settings (for ``export``, progress, admin).
+
+        ConfigError naming the runs there are if it does not exist.
+        """
+        rec = await db.run(lambda c: c.fetchrow(
+            "SELECT * FROM bulk_engine.runs WHERE name = $1", name), what="find the run")
+        if rec is None:
+            names = [r.name for r in await cls.list_runs(db)]
+            known = ", ".join(map(repr, names[:10])) if names else "none"
+            raise ConfigError(f"no run {name!r} in the database (runs there: {known}); "
+                              "check --run")
+        return cls(db, _run_info(rec))
+
+    @staticmethod
+    async def list_runs(db: Database) -> list[RunInfo]:
+        """Every run in the database, oldest first (``export`` without ``--run`` takes the only
+        one, or asks which)."""
+        recs = await db.run(lambda c: c.fetch(
+            "SELECT * FROM bulk_engine.runs ORDER BY created_at, id"), what="list runs")
+        return [_run_info(r) for r in recs]
+
     async def refresh(self) -> RunInfo:
         rec = await self.db.run(
             lambda c: c.fetchrow("SELECT * FROM bulk_engine.runs WHERE id = $1", self.run.id),
