@@ -188,6 +188,43 @@ async def test_without_migrating_an_empty_database_is_a_config_error(pg_dsn: str
         await Database.connect(pg_dsn, migrate=False)
 
 
+async def test_busy_callers_ride_out_repeated_crashes(pg_cluster: PgCluster,
+                                                      pg_db: Database) -> None:
+    """Six callers keep querying through three immediate restarts: no error escapes to them
+    (asyncpg's mid-operation protocol errors included), and each outage is one outage."""
+    db = pg_db
+    stop = asyncio.Event()
+
+    async def caller() -> int:
+        done = 0
+        while not stop.is_set():
+            await db.run(lambda c: c.fetchval("SELECT pg_sleep(0.005)"), what="probe")
+            done += 1
+        return done
+
+    tasks = [asyncio.create_task(caller()) for _ in range(6)]
+    try:
+        for _ in range(3):
+            ops = db.statistics().operations
+            await eventually(lambda ops=ops: db.statistics().operations >= ops + 30,
+                             timeout=30, what="calls going through")
+            retries = db.statistics().retries
+            await asyncio.to_thread(pg_cluster.stop, "immediate")
+            try:
+                await eventually(lambda r=retries: db.statistics().retries > r, timeout=20,
+                                 what="calls waiting")
+            finally:
+                await asyncio.to_thread(pg_cluster.start)
+        ops = db.statistics().operations
+        await eventually(lambda: db.statistics().operations >= ops + 30, timeout=30,
+                         what="calls going through again")
+    finally:
+        stop.set()
+        counts = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert all(n > 0 for n in counts)
+    assert db.statistics().outages >= 3
+
+
 async def test_give_up_after_raises_database_unavailable(pg_cluster: PgCluster,
                                                          pg_db: Database) -> None:
     """A caller that cannot wait for ever gets DatabaseUnavailable, naming what it was doing."""

@@ -238,6 +238,46 @@ async def test_live_tokens_go_only_to_workers_with_the_same_key(pg_db: Database)
     assert [r.key for r in same] == ["row00000"]
 
 
+class LostAnswers:
+    """A Database whose every operation commits, loses its answer, and is retried (as
+    Database.run does after a connection dies at the wrong moment)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def run(self, op: Any, *, what: str, give_up_after: float | None = None) -> Any:
+        await self.db.run(op, what=what)  # committed; the answer never arrives
+        return await self.db.run(op, what=what)
+
+
+async def test_a_claim_whose_answer_was_lost_returns_the_same_rows(pg_db: Database) -> None:
+    """The retry of a committed claim returns the rows it leased, instead of leasing more and
+    leaving the first ones held by a worker that does not know it."""
+    store = await loaded_store(pg_db, 5)
+    lossy = RunStore(LostAnswers(pg_db), store.run)  # type: ignore[arg-type]
+    got = await lossy.claim("w1", 3, 60)
+    assert [r.key for r in got] == ["row00000", "row00001", "row00002"]
+    assert sorted(await store.held("w1")) == [r.key for r in got]
+    rest = await store.claim("w2", 5, 60)
+    assert [r.key for r in rest] == ["row00003", "row00004"]
+
+
+async def test_retried_transitions_succeed_once_and_flag_nothing(pg_db: Database) -> None:
+    """Every transition, committed then retried, reports success and leaves the row as one
+    call would: no false possible_duplicate, one line."""
+    store = await loaded_store(pg_db, 1)
+    lossy = RunStore(LostAnswers(pg_db), store.run)  # type: ignore[arg-type]
+    [row] = await store.claim("w1", 1, 60)
+    assert await lossy.mark_submitting(row.lease, generation=1, fingerprint="f", path="/p",
+                                       api_key_fp="k")
+    assert await lossy.mark_submitted(row.lease, "gAAAAAtok", submitted_at=time.time())
+    assert await lossy.finish(row.lease, outcome="completed", line=line_of(row.key, "w1"))
+    stored = await store.get(row.key)
+    assert stored is not None and not stored["possible_duplicate"]
+    assert stored["state"] == "done" and stored["generation"] == 1
+    assert [x async for _, x in store.export()] == [(line_of(row.key, "w1") + "\n").encode()]
+
+
 # ---------------------------------------------------------------------- leases and fencing
 
 

@@ -63,11 +63,17 @@ LOG_EVERY_S = 30.0
 RETRY_BASE_S = 0.05
 RETRY_CAP_S = 2.0
 
+
+class _ConnectionLost(Exception):
+    """An InterfaceError on a connection that turned out closed: the connection died."""
+
+
 #: Errors that mean "the connection or the server is gone for now": retried by ``run``.
 #: Deadlocks and serialization failures are retried too (every operation is idempotent).
 RETRYABLE: tuple[type[BaseException], ...] = (
     OSError,  # refused, reset, unreachable, DNS (socket.gaierror)
     TimeoutError,
+    _ConnectionLost,
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08
     asyncpg.CannotConnectNowError,  # 57P03: starting up, recovering
     asyncpg.AdminShutdownError,  # 57P01
@@ -76,7 +82,12 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.ConnectionDoesNotExistError,  # the connection died mid-operation
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    # "cannot switch to state N; another operation is in progress": asyncpg's protocol state
+    # after the server vanished mid-operation (seen in the restart tests).
+    asyncpg.InternalClientError,
 )
+
+
 
 
 #: At startup, errors that mean "not reachable yet" (``connect(wait_s=...)`` waits on them).
@@ -231,7 +242,7 @@ class Database:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    async def connect(cls, dsn: str, *, min_size: int = 1, max_size: int = 10,
+    async def connect(cls, dsn: str, *, min_size: int = 0, max_size: int = 10,
                       connect_timeout: float = 10.0, wait_s: float = 0.0, migrate: bool = True,
                       application_name: str = "bulk_engine") -> Database:
         """Connect (and by default create or upgrade the schema); ConfigError if it cannot.
@@ -239,7 +250,8 @@ class Database:
         ``wait_s``: how long to keep trying while the server is unreachable or starting up
         (workers often start before their database); a refused password, a missing database
         and the like fail at once. The error names the host, port, user and database and what
-        to fix, never the password.
+        to fix, never the password. ``min_size`` 0: no connection floor for asyncpg to restore
+        (and log a traceback about) during an outage; connections open on demand.
         """
         parts, password = parse_dsn(dsn)
         settings = {"application_name": application_name}
@@ -343,7 +355,14 @@ class Database:
 
         async def attempt() -> T:
             async with self._pool.acquire() as conn:
-                return await op(conn)
+                try:
+                    return await op(conn)
+                except asyncpg.InterfaceError:
+                    # Misuse (a wrong argument count) is a bug to raise; a closed connection
+                    # is an outage to wait through.
+                    if conn.is_closed():
+                        raise _ConnectionLost from None
+                    raise
 
         return await self._retrying(attempt, what, give_up_after)
 

@@ -227,6 +227,12 @@ class WorkerInfo:
     done: int  # rows this worker finished
 
 
+_CLAIMED_COLUMNS = (
+    "key, id, folder, line, options, state, token, api_run_id, fingerprint, path, generation, "
+    "extract(epoch FROM submitted_at) AS submitted_at, api_key_fp, possible_duplicate, epoch"
+)
+
+
 def _claimed(rec: asyncpg.Record, worker: str) -> ClaimedRow:
     return ClaimedRow(
         lease=RowLease(dec(rec["key"]) or "", worker, rec["epoch"]),
@@ -419,14 +425,29 @@ class RunStore:
         the key that got it), then ``pending``/``submitting`` rows in manifest order. Each
         claimed row's epoch is bumped. Leased rows are in neither index the claim reads, so
         its cost does not grow with the rows the workers hold. A claim does not renew the
-        worker's other leases: :meth:`renew` does (``LeaseKeeper.run``).
+        worker's other leases: :meth:`renew` does (``LeaseKeeper.run``). Idempotent under
+        ``Database.run``'s retries: a retry returns the rows a lost answer had leased.
         """
         if n < 1:
             return []
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s}")
 
+        claim_id = uuid.uuid4()
+        tries = 0
+
         async def op(c: Conn) -> list[asyncpg.Record]:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                # A retry: the last attempt may have committed before its answer was lost.
+                # Its rows are ours; return them rather than leave them leased to nobody.
+                done: list[asyncpg.Record] = await c.fetch(
+                    f"SELECT {_CLAIMED_COLUMNS} FROM bulk_engine.rows "
+                    "WHERE run = $1 AND lease_owner = $2 AND claim_id = $3 AND state <> 'done' "
+                    "AND lease_expires_at > clock_timestamp()", self.run.id, worker, claim_id)
+                if done:
+                    return done
             rows: list[asyncpg.Record] = await c.fetch(
                 """
                 WITH expired AS (
@@ -454,7 +475,7 @@ class RunStore:
                      LIMIT $3
                 )
                 UPDATE bulk_engine.rows AS r
-                   SET lease_owner = $2, epoch = r.epoch + 1,
+                   SET lease_owner = $2, epoch = r.epoch + 1, claim_id = $6,
                        lease_expires_at = clock_timestamp() + make_interval(secs => $4),
                        updated_at = clock_timestamp()
                   FROM free
@@ -463,7 +484,7 @@ class RunStore:
                           r.api_run_id, r.fingerprint, r.path, r.generation,
                           extract(epoch FROM r.submitted_at) AS submitted_at, r.api_key_fp,
                           r.possible_duplicate, r.epoch
-                """, self.run.id, worker, n, float(lease_s), api_key_fp)
+                """, self.run.id, worker, n, float(lease_s), api_key_fp, claim_id)
             return rows
 
         recs = await self.db.run(op, what="claim rows")
@@ -509,14 +530,18 @@ class RunStore:
                               path: str, api_key_fp: str, min_lease_s: float = 0.0) -> bool:
         """Record that POST /case of ``generation`` is about to go (call BEFORE sending).
 
-        A row already ``submitting`` is flagged ``possible_duplicate``. ``min_lease_s``: refuse
-        unless the lease has at least that long left (an upload must not outlive it).
+        A row left ``submitting`` by an earlier claim is flagged ``possible_duplicate`` (a
+        retry of this same call is not). ``min_lease_s``: refuse unless the lease has at least
+        that long left (an upload must not outlive it).
         """
         return await self._fenced(lease, f"""
             UPDATE bulk_engine.rows
                SET state = 'submitting', generation = $5, fingerprint = $6, path = $7,
-                   api_key_fp = $8, token = NULL, api_run_id = NULL,
-                   possible_duplicate = possible_duplicate OR state = 'submitting',
+                   api_key_fp = $8, token = NULL, api_run_id = NULL, submit_epoch = $4,
+                   -- left submitting by another claim (a crash mid-POST): maybe two runs.
+                   -- By this claim: a retry of this very call, not a second POST.
+                   possible_duplicate = possible_duplicate OR (
+                       state = 'submitting' AND submit_epoch IS DISTINCT FROM $4),
                    updated_at = clock_timestamp()
              WHERE {_FENCE} AND state IN ('pending', 'submitting')
                AND lease_expires_at > clock_timestamp() + make_interval(secs => $9)

@@ -86,6 +86,8 @@ CREATE TABLE bulk_engine.rows (
     lease_owner        text,
     lease_expires_at   timestamptz,            -- on the database clock
     epoch              bigint NOT NULL DEFAULT 0,  -- fencing: bumped by every claim
+    claim_id           uuid,                   -- the claim that leased it (a retry finds it)
+    submit_epoch       bigint,                 -- the claim that marked it submitting
     updated_at         timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (run, key),
     CHECK ((state = 'done') = (outcome IS NOT NULL AND output IS NOT NULL)),
