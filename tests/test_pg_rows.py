@@ -7,7 +7,10 @@ connections, as separate processes would have), so locking is real.
 from __future__ import annotations
 
 import asyncio
+import json
+import random
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -486,6 +489,71 @@ async def test_reset_failed_puts_failed_rows_back_and_drops_their_lines(
     assert not await store.finished()
     [again] = await store.claim("w2", 5, 60)
     assert again.key == "row00000" and again.state is RowState.PENDING
+
+
+# ---------------------------------------------------------------------- all together
+
+
+async def test_workers_that_stall_still_give_one_right_line_per_row(pg_db: Database,
+                                                                   pg_dsn: str) -> None:
+    """Four workers share 60 rows; at random points (seeded) one stalls past its lease and
+    another takes the row over. In the end: one line per row, each carrying a token of that
+    row; the same generation sent twice only where a stall hit mid-upload, and exactly those
+    rows flagged possible_duplicate; a worker's late writes all refused."""
+    rng = random.Random(13)
+    await loaded_store(pg_db, 60)
+    sent: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    wins: dict[str, list[str]] = defaultdict(list)
+    refused = 0
+    lease_s, stall_s = 0.3, 0.45
+
+    async def maybe_stall() -> None:
+        if rng.random() < 0.06:
+            await asyncio.sleep(stall_s)  # this worker is "paused" past its lease
+
+    async def worker(name: str) -> None:
+        nonlocal refused
+        async with await Database.connect(pg_dsn, max_size=2) as db:
+            store = await open_store(db)
+            while not await store.finished():
+                rows = await store.claim(name, 4, lease_s)
+                if not rows:
+                    await asyncio.sleep(0.01)  # others hold the last rows: look again
+                    continue
+                for row in rows:
+                    token = row.token
+                    if row.state is not RowState.SUBMITTED:
+                        gen = row.next_generation
+                        if not await store.mark_submitting(row.lease, generation=gen,
+                                                           fingerprint="f", path="/p",
+                                                           api_key_fp="k"):
+                            refused += 1
+                            continue
+                        sent[row.key].append((name, gen))  # the POST /case
+                        await maybe_stall()
+                        token = f"gAAAAA-{row.key}-{gen}"
+                        if not await store.mark_submitted(row.lease, token,
+                                                          submitted_at=time.time()):
+                            refused += 1
+                            continue
+                    await maybe_stall()
+                    line = json.dumps({"id": row.key, "token": token, "by": name})
+                    if await store.finish(row.lease, outcome="completed", line=line):
+                        wins[row.key].append(name)
+                    else:
+                        refused += 1
+
+    await asyncio.wait_for(asyncio.gather(*(worker(f"w{i}") for i in range(4))), 60)
+    store = await open_store(pg_db)
+    lines = [json.loads(line) async for _, line in store.export()]
+    assert sorted(x["id"] for x in lines) == [f"row{i:05d}" for i in range(60)]
+    assert all(len(w) == 1 for w in wins.values()) and len(wins) == 60
+    assert all(x["token"].startswith(f"gAAAAA-{x['id']}-") for x in lines)
+    assert all(gen == 1 for s in sent.values() for _, gen in s)
+    twice = {k for k, s in sent.items() if len(s) > 1}
+    flagged = {k for k in sent if (await store.get(k) or {}).get("possible_duplicate")}
+    assert twice == flagged
+    assert refused > 0 and twice  # the stalls did happen and were caught
 
 
 # ---------------------------------------------------------------------- the lease horizon
