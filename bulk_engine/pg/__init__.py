@@ -18,10 +18,11 @@ Modules, in the order a worker uses them::
                  429 back-off, local priorities (polls first); the parallel-analysis window
 
 Driver: asyncpg, chosen over psycopg 3 (async) by measurement on the governor's own statement
-shape, one row ``UPDATE … RETURNING`` in autocommit (``benchmarks/bench_pg_governor.py``):
-asyncpg p50 0.16 ms and ~105 µs of client CPU per call against psycopg's 0.29 ms and ~200 µs,
-and 4,700 vs 3,700 calls/s on one connection (7,400 vs 2,900 on eight). A reservation per API
-call on a 2-core machine that also runs the engine makes latency and client CPU what counts.
+shape, one row ``UPDATE … RETURNING`` in autocommit (``benchmarks/bench_pg_governor.py``, five
+runs on a shared 2-core machine): p50 0.16-0.23 ms against 0.27-0.34 ms, client CPU 106-140 µs
+against 200-246 µs per call, 4,000-5,200 against 1,800-4,200 calls/s on one connection and
+6,200-9,400 against 2,300-5,500 on eight. A reservation per API call, on machines that also run
+the engine, makes latency and client CPU what counts.
 
 How the engine uses it (what replaces the SQLite journal and the local limiter):
 
