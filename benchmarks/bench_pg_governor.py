@@ -29,6 +29,7 @@ import asyncio
 import bisect
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -323,6 +324,8 @@ def main() -> int:
         return measure(args, args.dsn)
     from pg_cluster import PgCluster
 
+    # A timeout's SIGTERM must still stop the cluster (the finally below), not orphan it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cluster = PgCluster()
     try:
         cluster.start()
