@@ -80,6 +80,7 @@ from bulk_engine.pg.governor import (
     Governor,
     GovernorStatistics,
     Grant,
+    Limiter,
 )
 from bulk_engine.pg.rows import (
     ClaimedRow,
@@ -109,6 +110,7 @@ __all__ = [
     "GovernorStatistics",
     "Grant",
     "LeaseKeeper",
+    "Limiter",
     "LoadReport",
     "RowLease",
     "RowSpec",

@@ -52,12 +52,12 @@ import heapq
 import itertools
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.logs import get_logger
 from bulk_engine.pg.connect import Conn, Database
-from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT
+from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, RateLimiter
 
 log = get_logger()
 
@@ -69,6 +69,7 @@ __all__ = [
     "Governor",
     "GovernorStatistics",
     "Grant",
+    "Limiter",
     "Reservation",
 ]
 
@@ -92,6 +93,22 @@ RETURNING last_granted AS granted, last_at AS at, last_wait AS wait, last_rate A
 DECREASE_FACTOR = 0.5
 DECREASE_WINDOW_S = 1.0
 RECOVERY_PER_SECOND = 0.05
+
+
+class Limiter(Protocol):
+    """What the client asks of a rate limiter: ``ratelimit.RateLimiter`` (one process) and
+    :class:`Governor` (every worker of a key) both are one (checked by mypy below)."""
+
+    @property
+    def current_rate(self) -> float: ...
+
+    async def acquire(self, priority: int = PRIORITY_SUBMIT) -> object: ...
+
+    def pause_for(self, seconds: float) -> None: ...
+
+    def on_throttled(self) -> None: ...
+
+    def on_success(self) -> None: ...
 
 
 # ---------------------------------------------------------------------- the pure model
@@ -470,3 +487,10 @@ class Governor:
             what="check the shared pause")
         return bool(paused)
 
+
+if TYPE_CHECKING:  # both limiters conform: the engine can take either
+    def _local(limiter: RateLimiter) -> Limiter:
+        return limiter
+
+    def _shared(limiter: Governor) -> Limiter:
+        return limiter
