@@ -135,6 +135,33 @@ async def test_key_fingerprint_is_salted_per_database_and_never_the_key(
     assert key_fingerprint(key, "salt-a") != key_fingerprint(key, "salt-b")
 
 
+async def test_the_api_key_is_stored_nowhere(pg_db: Database) -> None:
+    """After a governor, a run, a claim and a submission made with a key, no table holds the
+    key (only its fingerprint), in any column."""
+    from bulk_engine.pg.governor import Governor
+    from bulk_engine.pg.rows import RowSpec, RunStore
+
+    key = "sk-live-SECRET-0123456789abcdef"
+    gov = await Governor.open(pg_db, key, rate=10, burst=2)
+    await gov.acquire()
+    gov.on_throttled()
+    gov.pause_for(0.01)
+    await gov.flush()
+    store = await RunStore.open(pg_db, "r", settings_fingerprint="f", settings_summary="{}")
+    await store.load([RowSpec(key="a", id="a", folder="f", line=2)])
+    [row] = await store.claim("w", 1, 60, api_key_fp=pg_db.key_fingerprint(key))
+    assert await store.mark_submitting(row.lease, generation=1, fingerprint="f", path="/p",
+                                       api_key_fp=pg_db.key_fingerprint(key))
+    async with pg_db.session() as c:
+        tables = [r["table_name"] for r in await c.fetch(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = 'bulk_engine'")]
+        dump = "".join([str(r[0]) for t in tables for r in await c.fetch(
+            f"SELECT row_to_json(t)::text FROM bulk_engine.{t} t")])
+    assert len(tables) >= 6 and pg_db.key_fingerprint(key) in dump
+    assert key not in dump and "SECRET" not in dump
+
+
 # ---------------------------------------------------------------------- outages
 
 

@@ -8,6 +8,7 @@ import bisect
 import itertools
 import math
 import time
+import uuid
 
 import pytest
 
@@ -203,6 +204,21 @@ async def test_a_429_halves_the_shared_rate_once_for_a_burst_of_them(pg_db: Data
         assert b.current_rate == pytest.approx(20.0, rel=0.05)
         state = await a.shared_state()
     assert state["rate_decreases"] == 1 and state["throttled_events"] == 3
+
+
+async def test_a_429_report_retried_after_a_lost_answer_counts_once(pg_db: Database) -> None:
+    """The same report applied twice (Database.run retried it) halves the rate once, even
+    when the retry comes more than a second later."""
+    gov = await _governor(pg_db, 40, 1)
+    sql = "SELECT * FROM bulk_engine.gov_throttled($1, 1, $2, $3)"
+    report = uuid.uuid4()
+    async with pg_db.session() as c:
+        first = await c.fetchrow(sql, gov.key_fp, T0, report)
+        again = await c.fetchrow(sql, gov.key_fp, T0 + 5, report)
+        other = await c.fetchrow(sql, gov.key_fp, T0 + 5, uuid.uuid4())
+    assert first["decreased"] and not again["decreased"] and other["decreased"]
+    state = await gov.shared_state()
+    assert state["rate_decreases"] == 2 and state["throttled_events"] == 2
 
 
 async def test_reopening_reconfigures_the_ceiling_only_when_asked(pg_db: Database) -> None:

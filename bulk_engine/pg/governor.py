@@ -51,6 +51,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -371,9 +372,10 @@ class Governor:
         self._feedback.clear()
         if events := self._pending_throttled:
             self._pending_throttled = 0
+            report = uuid.uuid4()  # a retry after a lost answer must not halve twice
             res = await self.db.run(lambda c: c.fetchrow(
-                "SELECT * FROM bulk_engine.gov_throttled($1, $2)", self.key_fp, events),
-                what="share a 429")
+                "SELECT * FROM bulk_engine.gov_throttled($1, $2, NULL, $3)", self.key_fp,
+                events, report), what="share a 429")
             if res is not None:
                 self._current_rate = float(res["rate"])
                 if res["decreased"]:

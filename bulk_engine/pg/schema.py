@@ -135,6 +135,7 @@ CREATE TABLE bulk_engine.governors (
     rate_decreases       bigint NOT NULL DEFAULT 0,
     paused_seconds_total double precision NOT NULL DEFAULT 0,
     window_limit         integer CHECK (window_limit IS NULL OR window_limit >= 1),
+    last_throttle_id     uuid,                 -- the last 429 report applied (a retry is a no-op)
     -- The answer to the last reservation: what the reserving UPDATE returns.
     last_granted         boolean,
     last_at              double precision,
@@ -197,7 +198,8 @@ $$;
 -- A 429: halve the rate in force (once per second across every worker), floor min_rate, and
 -- drop any saved-up burst.
 CREATE FUNCTION bulk_engine.gov_throttled(p_key text, p_events integer DEFAULT 1,
-                                          p_now double precision DEFAULT NULL)
+                                          p_now double precision DEFAULT NULL,
+                                          p_report uuid DEFAULT NULL)
 RETURNS TABLE (decreased boolean, rate double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -211,6 +213,11 @@ BEGIN
         RAISE EXCEPTION 'no governor for key %', p_key USING ERRCODE = 'no_data_found';
     END IF;
     v_rate := bulk_engine.gov_rate(g.rate, g.decreased_rate, g.decreased_at, v_now);
+    IF p_report IS NOT NULL AND p_report = g.last_throttle_id THEN
+        RETURN QUERY SELECT false, v_rate;  -- this report was applied; its answer was lost
+        RETURN;
+    END IF;
+    UPDATE bulk_engine.governors AS x SET last_throttle_id = p_report WHERE x.key_fp = p_key;
     IF v_now - g.decreased_at < 1.0 AND v_now >= g.decreased_at THEN
         UPDATE bulk_engine.governors AS x SET throttled_events = x.throttled_events + p_events
          WHERE x.key_fp = p_key;
