@@ -73,7 +73,7 @@ async def test_unreachable_server_names_host_and_port() -> None:
     f"mysql://bulk:{TEST_PASSWORD}@127.0.0.1/bulk",
     f"host=127.0.0.1 user=bulk password={TEST_PASSWORD}",
     f"postgresql://bulk:{TEST_PASSWORD}@127.0.0.1:notaport/bulk",
-])
+], ids=["other-scheme", "keyword-form", "bad-port"])  # ids: no password in pytest's output
 async def test_malformed_dsn_is_a_config_error_without_the_password(dsn: str) -> None:
     """Not a postgresql:// URL, or a bad port: ConfigError showing the expected form."""
     exc = await _config_error(dsn)
