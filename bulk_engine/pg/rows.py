@@ -649,28 +649,37 @@ class RunStore:
         return RunCounts(by_state, by_outcome, held, total)
 
     async def workers(self) -> list[WorkerInfo]:
-        """Every worker of the run: heartbeat age (database clock), rows held, rows done."""
+        """Every worker of the run: heartbeat age (database clock), rows held, rows done.
 
-        async def op(c: Conn) -> list[asyncpg.Record]:
-            recs: list[asyncpg.Record] = await c.fetch(
-                """
-                SELECT w.id, w.host, w.pid, w.stopped_at IS NOT NULL AS stopped,
-                       extract(epoch FROM clock_timestamp() - w.heartbeat_at) AS age,
-                       coalesce((SELECT json_object_agg(state, n) FROM (
-                           SELECT state, count(*) AS n FROM bulk_engine.rows r
-                            WHERE r.run = w.run AND r.lease_owner = w.id AND r.state <> 'done'
-                              AND r.lease_expires_at > clock_timestamp()
-                            GROUP BY state) h), '{}') AS held,
-                       (SELECT count(*) FROM bulk_engine.rows r
-                         WHERE r.run = w.run AND r.lease_owner = w.id AND r.state = 'done')
-                           AS done
-                  FROM bulk_engine.workers w WHERE w.run = $1 ORDER BY w.started_at, w.id
-                """, self.run.id)
-            return recs
+        Rows held come from the index of held rows; rows done from one pass over the run's done
+        rows, whatever the number of workers.
+        """
 
+        async def op(c: Conn) -> tuple[list[asyncpg.Record], ...]:
+            async with c.transaction(isolation="repeatable_read", readonly=True):
+                workers: list[asyncpg.Record] = await c.fetch(
+                    "SELECT id, host, pid, stopped_at IS NOT NULL AS stopped, "
+                    "extract(epoch FROM clock_timestamp() - heartbeat_at) AS age "
+                    "FROM bulk_engine.workers WHERE run = $1 ORDER BY started_at, id",
+                    self.run.id)
+                held: list[asyncpg.Record] = await c.fetch(
+                    "SELECT lease_owner, state, count(*) AS n FROM bulk_engine.rows "
+                    "WHERE run = $1 AND state <> 'done' AND lease_owner IS NOT NULL "
+                    "AND lease_expires_at > clock_timestamp() GROUP BY lease_owner, state",
+                    self.run.id)
+                done: list[asyncpg.Record] = await c.fetch(
+                    "SELECT lease_owner, count(*) AS n FROM bulk_engine.rows "
+                    "WHERE run = $1 AND state = 'done' GROUP BY lease_owner", self.run.id)
+            return workers, held, done
+
+        workers, held, done = await self.db.run(op, what="list workers")
+        held_by: dict[str, dict[str, int]] = {}
+        for r in held:
+            held_by.setdefault(r["lease_owner"], {})[r["state"]] = r["n"]
+        done_by = {r["lease_owner"]: r["n"] for r in done}
         return [WorkerInfo(r["id"], r["host"], r["pid"], float(r["age"]), r["stopped"],
-                           json.loads(r["held"]), r["done"])
-                for r in await self.db.run(op, what="list workers")]
+                           held_by.get(r["id"], {}), done_by.get(r["id"], 0))
+                for r in workers]
 
     async def finished(self) -> bool:
         """True when the manifest is fully loaded and every row is done."""
