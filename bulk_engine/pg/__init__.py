@@ -63,25 +63,17 @@ How the engine uses it (what replaces the SQLite journal and the local limiter):
 
 from __future__ import annotations
 
-from bulk_engine.errors import ConfigError
+from bulk_engine.errors import ConfigError as _ConfigError
 
 try:
     import asyncpg as _asyncpg  # noqa: F401 - only to say what is missing
 except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ConfigError(
+    raise _ConfigError(
         "--db needs PostgreSQL support: pip install 'bulk-engine[postgres]'"
     ) from None
 
 from bulk_engine.pg.connect import Database, DatabaseUnavailable, key_fingerprint, redact_dsn
-from bulk_engine.pg.governor import (
-    PRIORITY_POLL,
-    PRIORITY_SUBMIT,
-    GcraState,
-    Governor,
-    GovernorStatistics,
-    Grant,
-    Limiter,
-)
+from bulk_engine.pg.governor import GcraState, Governor, GovernorStatistics, Grant
 from bulk_engine.pg.rows import (
     ClaimedRow,
     LeaseKeeper,
@@ -97,6 +89,7 @@ from bulk_engine.pg.rows import (
     run_identity,
 )
 from bulk_engine.pg.schema import SCHEMA_VERSION, migrate
+from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, Limiter
 
 __all__ = [
     "PRIORITY_POLL",
