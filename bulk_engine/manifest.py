@@ -46,6 +46,7 @@ __all__ = [
     "iter_manifest",
     "iter_root",
     "list_folder",
+    "resolve_folder",
 ]
 
 # The kinds of bad rows, from the registry (``vocab.ERROR_KINDS``: origin "row").
@@ -735,6 +736,13 @@ def _parse_row(
     pl = _cell(row, cols.payload)
     payload = {**defaults.payload, **(_parse_payload(pl) if pl else {})}
     use_case = _cell(row, cols.use_case) or defaults.use_case
+    return _RowSpec(resolve_folder(folder, base, confine), use_case, analyse_type, payload)
+
+
+def resolve_folder(folder: str, base: str, confine: str | None) -> Path:
+    """A manifest's folder value as a path: relative ones against ``base``, the manifest's
+    directory. With ``confine`` (a real path), a folder that resolves outside it raises
+    ManifestError ``outside_root``. (``--db`` workers resolve each row they claim with it.)"""
     full = os.path.join(base, folder)
     if confine is not None:
         # Resolve symlinks and '..' first: a lexical check would let a link inside lead out.
@@ -745,7 +753,7 @@ def _parse_row(
                 f"folder {folder!r} resolves to {full}, "
                 f"outside the allowed root {confine}; use a path inside it",
             )
-    return _RowSpec(Path(full), use_case, analyse_type, payload)
+    return Path(full)
 
 
 def _hint_missing(item: BadRow) -> BadRow:

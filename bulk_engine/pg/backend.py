@@ -113,7 +113,13 @@ class PgBackend:
 
     @property
     def in_flight(self) -> int:
+        """Rows with a work item here."""
         return len(self._in_flight)
+
+    @property
+    def leases(self) -> int:
+        """Leases held (as far as this worker knows)."""
+        return len(self._leases)
 
     def prune(self, held: Mapping[str, int]) -> int:
         """Keep only the leases the database still gives this worker (``RunStore.held``:

@@ -439,8 +439,8 @@ class Database:
             log.warning("db_unavailable", host=self.parts.host, port=self.parts.port,
                         error=type(exc).__name__, doing=what,
                         down_s=round(now - self._down_since, 1),
-                        hint="retrying with backoff; no API call needs the database until then"
-                        if what == "reserve an API call" else "retrying with backoff")
+                        hint="retrying with backoff; no API call goes until the database "
+                             "answers (each takes a rate slot from it)")
 
     def _note_success(self) -> None:
         if self._down_since is not None:
