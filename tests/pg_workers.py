@@ -10,18 +10,26 @@ fixed sleep; every child is reaped in ``finally`` blocks.
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bulk_engine.emulator.process import EmulatorProcess, emulator_process
+
+from conftest import expected_for_folder, read_lines
 from pg_cluster import PgCluster
 from procs import child_env, wait_for
 
 KEYS = ("pg-key-one-0123456789", "pg-key-two-9876543210")
+#: Worker flags for the failure tests: fast polls, a rate the emulator's 429s never see.
+WORKER_FLAGS = ("--rate-limit", "40", "--burst", "2", "--poll-min", "0.3", "--poll-max", "1",
+                "--concurrency", "4")
 
 
 class WorkerProcess:
@@ -148,3 +156,45 @@ def wait_until(cond: Any, *, timeout: float, what: str,
     except AssertionError as exc:
         tails = "".join(f"\n--- worker {w.tag}:\n{w.log_text()[-2500:]}" for w in workers or [])
         raise AssertionError(f"{exc}{tails}") from None
+
+
+def emulator(tmp: Path, *flags: str) -> AbstractContextManager[EmulatorProcess]:
+    """The emulator in its own process, with both test keys."""
+    return emulator_process(["--seed", "3", *flags], api_keys=",".join(KEYS),
+                            env=child_env(), log_path=tmp / "emulator.log")
+
+
+def cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m bulk_engine ARGS`` to completion, settings from ``env``."""
+    return subprocess.run([sys.executable, "-m", "bulk_engine", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd, env=child_env(**env))
+
+
+def started(workers: list[WorkerProcess]) -> None:
+    """Until every worker has joined its run (or exited)."""
+    for w in workers:
+        wait_until(lambda w=w: bool(w.events("worker_started")) or not w.running(), timeout=60,
+                   what=f"worker {w.tag} to start", workers=workers)
+
+
+def finish(workers: list[WorkerProcess], out: Path, dsn: str, tmp: Path) -> list[dict[str, Any]]:
+    """Every worker exits 0; then ``export`` writes ``out``; its lines, parsed."""
+    for w in workers:
+        assert w.wait(90) == 0, w.log_text()[-3000:]
+    proc = cli("export", "--output", str(out), env={"BULK_ENGINE_DB": dsn}, cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return read_lines(out)
+
+
+def folders_of(manifest: Path) -> dict[str, Path]:
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        return {row["id"]: manifest.parent / row["folder"] for row in csv.DictReader(fh)}
+
+
+def assert_one_right_line_per_row(lines: list[dict[str, Any]], manifest: Path) -> None:
+    """Exactly one line per manifest row, each completed with its own folder's result."""
+    folders = folders_of(manifest)
+    assert sorted(r["id"] for r in lines) == sorted(folders)  # one line per row, no other
+    for rec in lines:
+        assert rec["status"] == "completed", rec
+        assert rec["result"] == expected_for_folder(folders[rec["id"]]), rec["id"]

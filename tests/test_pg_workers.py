@@ -10,11 +10,9 @@ failure does to workers: a worker killed (kill -9), a worker paused past its lea
 from __future__ import annotations
 
 import asyncio
-import csv
 import json
 import os
-import subprocess
-import sys
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,6 @@ from bulk_engine.backend import RowLost
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings, load_settings
 from bulk_engine.emulator import EmulatorConfig, run_emulator
-from bulk_engine.emulator.process import emulator_process
 from bulk_engine.engine import Engine
 from bulk_engine.errors import ConfigError
 from bulk_engine.pg.backend import PgBackend
@@ -38,7 +35,7 @@ from bulk_engine.pg.worker import PgWorker
 from bulk_engine.vocab import RowState
 
 from archive_factory import make_archive
-from conftest import engine_settings, expected_for_folder, read_lines
+from conftest import engine_settings, read_lines
 from pg_cluster import (  # noqa: F401 - fixtures
     TEST_PASSWORD,
     PgCluster,
@@ -47,28 +44,25 @@ from pg_cluster import (  # noqa: F401 - fixtures
     pg_db_fixture,
     pg_dsn_fixture,
 )
-from pg_workers import KEYS, RunDb, WorkerProcess, wait_until
-from procs import child_env
+from pg_workers import (
+    KEYS,
+    WORKER_FLAGS,
+    RunDb,
+    WorkerProcess,
+    assert_one_right_line_per_row,
+    cli,
+    emulator,
+    finish,
+    started,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
-
-
-def folders_of(manifest: Path) -> dict[str, Path]:
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        return {row["id"]: manifest.parent / row["folder"] for row in csv.DictReader(fh)}
 
 
 def pg_settings(base_url: str, dsn: str, tmp: Path, **kw: Any) -> Settings:
     return engine_settings(base_url, tmp / "unused.jsonl", api_key=",".join(KEYS), db=dsn,
                            lease=5.0, **kw)
-
-
-def assert_one_right_line_per_row(lines: list[dict[str, Any]], manifest: Path) -> None:
-    folders = folders_of(manifest)
-    assert sorted(r["id"] for r in lines) == sorted(folders)  # one line per row, no other
-    for rec in lines:
-        assert rec["status"] == "completed", rec
-        assert rec["result"] == expected_for_folder(folders[rec["id"]]), rec["id"]
 
 
 # ---------------------------------------------------------------------- in-process
@@ -202,12 +196,18 @@ def test_several_keys_come_from_a_list_or_numbered_variables_and_need_db() -> No
     assert "hunter2" not in str(info.value)
 
 
+def test_an_engine_is_not_a_worker(tmp_path: Path) -> None:
+    """Settings with a database run through PgWorker (as the command line does); an Engine
+    given them refuses instead of writing a local output nobody would export."""
+    manifest = make_archive(tmp_path / "a", 1, seed=1)
+    settings = Settings(api_key=KEYS[0], db="postgresql://u@127.0.0.1:9/d")
+    with pytest.raises(ConfigError, match="PgWorker"):
+        Engine(settings, manifest)
+    with pytest.raises(ConfigError, match="--root is not supported with --db"):
+        PgWorker(settings, None)
+
+
 # ---------------------------------------------------------------------- processes
-
-
-def _cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bulk_engine", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, env=child_env(**env))
 
 
 def test_a_bad_dsn_or_a_wrong_password_exits_1_with_a_clear_message(
@@ -227,35 +227,12 @@ def test_a_bad_dsn_or_a_wrong_password_exits_1_with_a_clear_message(
          "db must be a postgresql://"),
     ]
     for args, env, message in cases:
-        proc = _cli(*args, env={"BULK_ENGINE_API_KEY": KEYS[0], **env}, cwd=tmp_path)
+        proc = cli(*args, env={"BULK_ENGINE_API_KEY": KEYS[0], **env}, cwd=tmp_path)
         text = proc.stdout + proc.stderr
         assert proc.returncode == 1, (args, text)
         assert message in " ".join(text.split()), (args, text)
         assert "Traceback" not in text and "N0t-the-Pw" not in text, (args, text)
         assert TEST_PASSWORD not in text
-
-
-def _emulator(tmp: Path, *flags: str) -> Any:
-    return emulator_process(["--seed", "3", *flags], api_keys=",".join(KEYS),
-                            env=child_env(), log_path=tmp / "emulator.log")
-
-
-WORKER_FLAGS = ("--rate-limit", "40", "--burst", "2", "--poll-min", "0.3", "--poll-max", "1",
-                "--concurrency", "4")
-
-
-def _started(workers: list[WorkerProcess]) -> None:
-    for w in workers:
-        wait_until(lambda w=w: bool(w.events("worker_started")) or not w.running(), timeout=60,
-                   what=f"worker {w.tag} to start", workers=workers)
-
-
-def _finish(workers: list[WorkerProcess], out: Path, dsn: str, tmp: Path) -> list[dict[str, Any]]:
-    for w in workers:
-        assert w.wait(90) == 0, w.log_text()[-3000:]
-    proc = _cli("export", "--output", str(out), env={"BULK_ENGINE_DB": dsn}, cwd=tmp)
-    assert proc.returncode == 0, proc.stderr
-    return read_lines(out)
 
 
 def test_a_killed_workers_rows_are_taken_over_and_its_tokens_polled_not_resubmitted(
@@ -264,7 +241,7 @@ def test_a_killed_workers_rows_are_taken_over_and_its_tokens_polled_not_resubmit
     claims its rows and polls its tokens (no second analysis at the API), one line per row."""
     manifest = make_archive(tmp_path / "a", 30, seed=7)
     db = RunDb(pg_cluster, pg_dsn)
-    with _emulator(tmp_path, "--processing-time", "1.5:2.5") as emu:
+    with emulator(tmp_path, "--processing-time", "1.5:2.5") as emu:
         env = {"BULK_ENGINE_LEASE": "3"}
         victim = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="victim",
                                env=env)
@@ -280,7 +257,7 @@ def test_a_killed_workers_rows_are_taken_over_and_its_tokens_polled_not_resubmit
                                      tag="survivor", env=env)
             workers.append(survivor)
             victim.kill()
-            lines = _finish([survivor], tmp_path / "out.jsonl", pg_dsn, tmp_path)
+            lines = finish([survivor], tmp_path / "out.jsonl", pg_dsn, tmp_path)
             stats = emu.stats()
         finally:
             for w in workers:
@@ -299,7 +276,7 @@ def test_a_worker_paused_past_its_lease_has_its_late_writes_refused(
     still has exactly one line per row and one analysis per folder."""
     manifest = make_archive(tmp_path / "a", 30, seed=8)
     db = RunDb(pg_cluster, pg_dsn)
-    with _emulator(tmp_path, "--processing-time", "1:2") as emu:
+    with emulator(tmp_path, "--processing-time", "1:2") as emu:
         env = {"BULK_ENGINE_LEASE": "3"}
         paused = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="paused",
                                env=env)
@@ -318,7 +295,7 @@ def test_a_worker_paused_past_its_lease_has_its_late_writes_refused(
             wait_until(lambda: db.taken_from(wid, held), timeout=60,
                        what="the other worker to take the paused one's rows", workers=workers)
             paused.cont()
-            lines = _finish(workers, tmp_path / "out.jsonl", pg_dsn, tmp_path)
+            lines = finish(workers, tmp_path / "out.jsonl", pg_dsn, tmp_path)
             stats = emu.stats()
         finally:
             for w in workers:
@@ -330,6 +307,37 @@ def test_a_worker_paused_past_its_lease_has_its_late_writes_refused(
     assert paused.events("api_calls_held") and paused.events("leases_pruned")
 
 
+def test_a_worker_stopped_by_sigterm_gives_its_rows_back_at_once(
+        tmp_path: Path, pg_cluster: PgCluster, pg_dsn: str) -> None:
+    """SIGTERM: the worker exits 143 and releases its leases on the way out, so another worker
+    takes its live tokens over at once (the 60 s leases never have to run out)."""
+    manifest = make_archive(tmp_path / "a", 20, seed=10)
+    db = RunDb(pg_cluster, pg_dsn)
+    with emulator(tmp_path, "--processing-time", "1.5:2.5") as emu:
+        first = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="first",
+                              env={"BULK_ENGINE_LEASE": "60"})
+        workers = [first]
+        try:
+            wait_until(lambda: db.tables_ready() and (wid := db.worker_id(first.pid)) is not None
+                       and len(db.held(wid)) >= 3, timeout=60, what="the worker holds tokens",
+                       workers=workers)
+            first.proc.send_signal(signal.SIGTERM)
+            assert first.wait(30) == 143
+            wid = db.worker_id(first.pid)
+            assert wid is not None and db.held(wid, "'pending', 'submitting', 'submitted'") == []
+            second = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="second",
+                                   env={"BULK_ENGINE_LEASE": "60"})
+            workers.append(second)
+            lines = finish([second], tmp_path / "out.jsonl", pg_dsn, tmp_path)
+            stats = emu.stats()
+        finally:
+            for w in workers:
+                w.close()
+    assert_one_right_line_per_row(lines, manifest)
+    assert stats["runs_created"] == 20 and second.stats()["rows_resumed"] >= 1
+    assert first.events("worker_stopped")[0]["leases_released"] >= 1
+
+
 def test_a_database_restart_holds_every_call_then_the_workers_carry_on(
         tmp_path: Path, pg_cluster: PgCluster, pg_dsn: str) -> None:
     """pg_ctl stop -m immediate mid-run: both workers log that the database is unavailable
@@ -337,11 +345,11 @@ def test_a_database_restart_holds_every_call_then_the_workers_carry_on(
     the run ends with one line per row."""
     manifest = make_archive(tmp_path / "a", 40, seed=9)
     db = RunDb(pg_cluster, pg_dsn)
-    with _emulator(tmp_path, "--processing-time", "0.3:0.8") as emu:
+    with emulator(tmp_path, "--processing-time", "0.3:0.8") as emu:
         workers = [WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag=t,
                                  env={"BULK_ENGINE_LEASE": "20"}) for t in ("a", "b")]
         try:
-            _started(workers)
+            started(workers)
             wait_until(lambda: db.done() >= 5, timeout=60, what="some rows done",
                        workers=workers)
             pg_cluster.stop("immediate")
@@ -356,7 +364,7 @@ def test_a_database_restart_holds_every_call_then_the_workers_carry_on(
                     time.sleep(0.1)
             finally:
                 pg_cluster.start()
-            lines = _finish(workers, tmp_path / "out.jsonl", pg_dsn, tmp_path)
+            lines = finish(workers, tmp_path / "out.jsonl", pg_dsn, tmp_path)
             stats = emu.stats()
         finally:
             for w in workers:

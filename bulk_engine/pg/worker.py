@@ -119,7 +119,7 @@ class PgRunStatistics(RunStatistics):
         extras.update(rows_lost=self.rows_lost, lease_lapses=self.lease_lapses,
                       stale_rate_slots=self.stale_slots)
         if self.db is not None:
-            extras.update(db_outages=self.db.outages,
+            extras.update(db_operations=self.db.operations, db_outages=self.db.outages,
                           db_unavailable_s=round(self.db.unavailable_seconds, 1))
         return extras
 
@@ -243,6 +243,8 @@ class PgWorker(Engine):
         store = await RunStore.open(db, name, settings_fingerprint=fingerprint,
                                     settings_summary=summary)
         worker = await store.register_worker()
+        if s.retry_failed:  # their lines leave the run at once: a row has one line at most
+            log.info("retry_failed", rows=await store.reset_failed(), kinds="all")
         keeper = LeaseKeeper(store, worker, lease_s=s.lease, clock=self.clock)
         governors = [await Governor.open(db, key, rate=s.rate_limit, burst=s.burst,
                                          clock=self.clock) for key in keys]
