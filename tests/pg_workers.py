@@ -115,6 +115,14 @@ class RunDb:
         out = self.cluster.psql(sql, db=self.name)
         return [line.split("|") for line in out.splitlines() if line]
 
+    def dump(self) -> str:
+        """Every table of the tool's schema, as JSON text (to look for what must not be)."""
+        tables = [r[0] for r in self.query(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = 'bulk_engine'")]
+        return "".join(self.cluster.psql(f"SELECT row_to_json(t)::text FROM bulk_engine.{t} t",
+                                         db=self.name) for t in tables)
+
     def scalar(self, sql: str) -> int:
         rows = self.query(sql)
         return int(rows[0][0]) if rows and rows[0][0] else 0

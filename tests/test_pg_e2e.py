@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from archive_factory import make_archive
-from pg_cluster import PgCluster, pg_cluster_fixture, pg_dsn_fixture  # noqa: F401 - fixtures
+from pg_cluster import (  # noqa: F401 - fixtures
+    TEST_PASSWORD,
+    PgCluster,
+    pg_cluster_fixture,
+    pg_dsn_fixture,
+)
 from pg_workers import (
     KEYS,
     RunDb,
@@ -75,4 +80,9 @@ def test_three_workers_two_keys_a_kill_a_pause_and_a_database_restart(
     assert sorted({s["key_index"] for s in submissions}) == [0, 1]  # both keys did work
     assert b.stats()["rows_lost"] >= 1 and a.stats()["rows_resumed"] >= 1
     assert all(w.events("db_unavailable") and w.events("db_recovered") for w in (a, b))
-    assert len(KEYS) == 2
+    # The keys are stored nowhere (a salted fingerprint is) and logged nowhere; nor is the
+    # database's password.
+    dump, logs = db.dump(), "".join(w.log_text() for w in workers)
+    assert "pg-key" not in dump and "\"api_key_fp\":\"k-" in dump
+    for secret in (*KEYS, TEST_PASSWORD):
+        assert secret not in logs and secret not in dump
