@@ -301,6 +301,7 @@ class Engine:
 
     async def run(self) -> RunResult:
         s = self.settings
+        self.started_at = time.time()
         source = self.manifest if self.manifest is not None else s.root
         assert source is not None
         # An unusable source or output stops the run before any state is created for it.
@@ -400,6 +401,7 @@ class Engine:
                 self._add_submitter = None
                 st.scheduler.close()
         finally:
+            self._add_submitter = None
             # The tasks close their streams, but an interrupt or a fatal error (a 403 while
             # live tokens resume) can cancel them before they start. Closing twice is harmless.
             job_send.close()
