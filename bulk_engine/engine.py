@@ -190,6 +190,8 @@ class Engine:
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
 
+    # ---- control without restart (control.py; README "Long runs: metrics and control") --------
+
     def pause(self) -> bool:
         """No new upload starts until :meth:`resume`; polls go on. True if this changed it."""
         changed = self.gate.pause()
@@ -230,7 +232,7 @@ class Engine:
         self.settings = new
         self._settings_applied += 1
         if changes:
-            self._apply_live(old, new)
+            self._apply_live(new)
         log.info("settings_applied", source=source, changes=changes or None)
         return changes
 
@@ -251,7 +253,7 @@ class Engine:
         st = self._stages_
         return st.outstanding.limit if st is not None else self.settings.max_outstanding
 
-    def _apply_live(self, old: Settings, new: Settings) -> None:
+    def _apply_live(self, new: Settings) -> None:
         retune_limiter(self.limiter, rate=new.rate_limit, burst=new.burst)
         st = self._stages_
         if st is None:
@@ -265,6 +267,8 @@ class Engine:
         st.outstanding.set_limit(new.max_outstanding)
         st.mass_failure.retune(new.failure_window, new.max_failure_rate)
         st.stuck.factor = new.stuck_factor
+
+    # ---- figures ------------------------------------------------------------------------------
 
     def statistics(self) -> RunStatistics:
         """Every stage's figures now (zeros before the run starts)."""
