@@ -24,8 +24,9 @@ import os
 import random
 import ssl
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO, TypeVar
 
 import aiohttp
@@ -122,6 +123,9 @@ class ClientStats:
     transport_errors: int = 0
     ambiguous_submits: int = 0
     bytes_uploaded: int = 0
+    # Exchanges by (endpoint, HTTP status as text, or "error" when no answer came: connect
+    # error, timeout, reset): the metrics' API calls by endpoint and status.
+    answers: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -432,19 +436,26 @@ class CaseClient:
     ) -> tuple[int, float | None, str]:
         """One POST: (status, Retry-After seconds, body text). aiohttp errors end here."""
         assert self._session is not None, "use CaseClient as an async context manager"
+        answered = False
         try:
             async with self._session.post(
                 self._base + path,
                 allow_redirects=False,  # a redirect would carry the api-key header along
                 **kwargs,
             ) as resp:
+                answered = True
+                self.stats.answers[what, str(resp.status)] += 1
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 return resp.status, retry_after, await resp.text(errors="replace")
         except aiohttp.ClientConnectorCertificateError as exc:
+            self.stats.answers[what, "error"] += 1
             raise self._tls_error(exc) from None
         except aiohttp.ClientConnectorError as exc:
+            self.stats.answers[what, "error"] += 1
             raise self._transport_error("connect", exc) from None  # nothing reached the server
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if not answered:  # else counted under its status, then cut short
+                self.stats.answers[what, "error"] += 1
             if ambiguous:  # the body may have reached the server: a run may exist
                 self.stats.ambiguous_submits += 1
             raise self._transport_error(what, exc, ambiguous=ambiguous) from None

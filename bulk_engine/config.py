@@ -12,13 +12,14 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bulk_engine.errors import ConfigError
+from bulk_engine.vocab import ERROR_KINDS
 
 __all__ = [
     "ANALYSE_TYPES",
@@ -29,6 +30,7 @@ __all__ = [
     "MODES",
     "Settings",
     "load_settings",
+    "override",
     "read_env",
     "read_toml",
     "unknown_env",
@@ -98,6 +100,11 @@ class Settings:
     log_format: str = "auto"
     log_file: Path | None = None
     stats_json: Path | None = None
+    # ---- long runs: metrics, control, stuck analyses (README "Long runs") ----
+    retry_failed_kinds: tuple[str, ...] = ()  # with retry_failed: only these kinds (else all)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    stuck_factor: float = 3.0
 
     def __post_init__(self) -> None:
         def need(cond: bool, setting: str | tuple[str, ...], msg: str) -> None:
@@ -170,6 +177,20 @@ class Settings:
         if self.ca_bundle is not None:
             need(self.ca_bundle.is_file(), "ca_bundle",
                  f"ca_bundle {self.ca_bundle} is not a readable file")
+        self._check_long_run_settings(need)
+
+    def _check_long_run_settings(self, need: Callable[[bool, str, str], None]) -> None:
+        unknown = [k for k in self.retry_failed_kinds if k not in ERROR_KINDS]
+        need(not unknown, "retry_failed_kinds",
+             f"unknown error kind {', '.join(map(repr, unknown))} for --retry-failed; "
+             f"choose from {', '.join(sorted(ERROR_KINDS))}")
+        need(not self.retry_failed_kinds or self.retry_failed, "retry_failed_kinds",
+             "retry_failed_kinds is used with retry_failed = true")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+             f"metrics_port must be a TCP port (0-65535), got {self.metrics_port}")
+        need(bool(self.metrics_host.strip()), "metrics_host", "metrics_host must not be empty")
+        need(math.isfinite(self.stuck_factor) and self.stuck_factor >= 1, "stuck_factor",
+             f"stuck_factor must be a number of at least 1, got {self.stuck_factor}")
 
     @property
     def journal_path(self) -> Path:
@@ -180,6 +201,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+# Settings whose command-line flag is not named after them.
+_FLAGS = {"retry_failed_kinds": "--retry-failed"}
 
 
 def _coerce(name: str, value: Any, source: str = "") -> Any:
@@ -307,7 +330,7 @@ def load_settings(
     source.update({n: ENV_PREFIX + n.upper() for n in from_env})
     for name, value in (cli or {}).items():
         if value is not None and name in _FIELDS:
-            flag = "--" + name.replace("_", "-")
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
             merged[name] = _coerce(name, value, flag)
             source[name] = flag
     try:
@@ -321,3 +344,17 @@ def load_settings(
         raise ConfigError(f"{exc}{hint}") from None
     except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
         raise ConfigError(str(exc)) from None
+
+
+def override(settings: Settings, values: Mapping[str, Any], *, source: str) -> Settings:
+    """``settings`` with ``values`` (by setting name; text, numbers and lists are coerced as
+    from a TOML file), validated as a whole: ConfigError naming the setting and ``source``.
+    A running engine applies its tunables this way (SIGHUP, ``POST /control/settings``)."""
+    unknown = sorted(str(name) for name in values if name not in _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))} (from {source})")
+    coerced = {name: _coerce(name, value, source) for name, value in values.items()}
+    try:
+        return settings.replace(**coerced)
+    except _InvalidSetting as exc:
+        raise ConfigError(f"{exc} (from {source})") from None

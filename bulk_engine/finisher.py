@@ -40,6 +40,7 @@ class FinisherStatistics:
 
     completed: int
     failed: int
+    withdrawn: int = 0  # tickets not sent because the run drains: no line, the rerun sends them
 
     @property
     def done(self) -> int:
@@ -56,9 +57,10 @@ class Finisher:
         self._mass_failure = mass_failure
         self._completed = 0
         self._failed = 0
+        self._withdrawn = 0
 
     def statistics(self) -> FinisherStatistics:
-        return FinisherStatistics(self._completed, self._failed)
+        return FinisherStatistics(self._completed, self._failed, self._withdrawn)
 
     async def bad_row(self, out: Outcome) -> None:
         """A row that never reached the API (a bad manifest row, a folder that became bad)."""
@@ -75,6 +77,12 @@ class Finisher:
             await self._emit(out)
         # Stop when most recent API rows failed server-side (state saved; rerun resumes).
         self._mass_failure.add(out.error.kind if out.error else None)
+
+    def withdrawn(self) -> None:
+        """A ticket the run will not send (it drains): its slot is freed, it gets no line; its
+        journal state is left as it was, so the rerun sends it."""
+        self._outstanding.release()
+        self._withdrawn += 1
 
     async def _emit(self, out: Outcome) -> None:
         if out.status == Status.COMPLETED:

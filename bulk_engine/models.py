@@ -123,6 +123,7 @@ class Submitted:
     resumed: bool = False
     possible_duplicate: bool = False  # sent again after a crash mid-POST: carried to its line
     analyse_type: tuple[str, ...] = ()  # what the submission asked for: the result must match
+    stuck: bool = False  # reported as a stuck analysis (stuck.StuckWatch): once per token
 
 
 @dataclass(slots=True)

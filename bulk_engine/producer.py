@@ -121,6 +121,8 @@ class Producer:
             async with send:
                 while batch := await anyio.to_thread.run_sync(_take, rows, _BATCH):
                     for item in batch:
+                        if self._submitter.gate.draining:
+                            return  # a drain: no new row (the rerun takes them)
                         await self._route(item, send)
         finally:
             reader.close()

@@ -167,6 +167,7 @@ class ProgressModel:
             "throttled_429": stats.throttled if stats else 0,
             "retries": stats.retries if stats else 0,
             "bytes_uploaded": c.bytes_uploaded,
+            "stuck": c.stuck,
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(eta) if eta is not None else None,
             "api": api,
@@ -185,7 +186,7 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
         "done": f"{done}/{total}" if total is not None else done,
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
-                                "throttled_429", "retries", "bytes_uploaded", "elapsed_s",
+                                "throttled_429", "retries", "bytes_uploaded", "stuck", "elapsed_s",
                                 "eta_s", "api")},
         "eta": fmt_duration(snap["eta_s"]),
     }
@@ -212,6 +213,9 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
         t.add_row("resumed", f"{snap['resumed']} submitted by the last run, polled again")
     t.add_row("submitted", str(snap["submitted"]))
     t.add_row("processing", f"{snap['processing']} awaiting their result")
+    if snap.get("stuck"):
+        t.add_row("stuck", f"[yellow]{snap['stuck']} running far past the usual time "
+                           "(stuck_analysis in the log); still polled[/]")
     t.add_row("done", f"[green]{snap['completed']} completed[/]  "
                       f"[{'red' if snap['failed'] else 'dim'}]{snap['failed']} failed[/]")
     pace = snap["rows_per_min"]

@@ -109,7 +109,7 @@ def render_summary(
         t.add_row("folder bytes", f"{fmt_bytes(int(summary['bytes']))} in "
                                   f"{summary.get('files', 0)} files")
     for key in ("rows_skipped_done", "rows_resumed", "rows_redone", "rows_dropped",
-                "rows_rejected", "resubmits",
+                "rows_rejected", "resubmits", "rows_withdrawn", "stuck_analyses",
                 "resubmitted_rows", "ambiguous_submits", "torn_lines"):
         if summary.get(key):
             t.add_row(key.replace("_", " "), str(summary[key]))

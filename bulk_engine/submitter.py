@@ -31,6 +31,7 @@ from bulk_engine.backend import JournalBackend
 from bulk_engine.client import CaseClient, idempotency_key, submission_for
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
+from bulk_engine.control import SubmitGate
 from bulk_engine.errors import AmbiguousSubmitError, ApiError, PermanentError, TransientError
 from bulk_engine.finisher import Finisher
 from bulk_engine.logs import get_logger, short_token
@@ -65,7 +66,8 @@ class Submitter:
     """Uploads tickets, with retries, through the run's one client."""
 
     def __init__(self, settings: Settings, *, client: CaseClient, backend: JournalBackend,
-                 scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock) -> None:
+                 scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock,
+                 gate: SubmitGate | None = None) -> None:
         self.settings = settings
         self._clock = clock
         self._client = client
@@ -76,9 +78,19 @@ class Submitter:
         self._uploads = anyio.CapacityLimiter(settings.concurrency)
         self._sending: dict[str, _Sending] = {}
         self._submitted = 0
+        self.gate = gate if gate is not None else SubmitGate()  # pause, drain (control.py)
 
     def statistics(self) -> SubmitterStatistics:
         return SubmitterStatistics(self._submitted, len(self._sending))
+
+    @property
+    def concurrency(self) -> int:
+        """Uploads allowed in flight now."""
+        return int(self._uploads.total_tokens)
+
+    def set_concurrency(self, n: int) -> None:
+        """Uploads allowed in flight from now on (callers beyond it wait for a slot)."""
+        self._uploads.total_tokens = n
 
     def submission(self, job: Job, *, asynchronous: bool,
                    key_fp: str | None = None) -> tuple[dict[str, Any], str]:
@@ -95,6 +107,9 @@ class Submitter:
     async def submit(self, ticket: Ticket) -> None:
         """Upload one folder (with retries); hand its token to the scheduler, or finish it."""
         job = ticket.job
+        if not await self.gate.admit():  # paused: waits here; draining: not sent at all
+            self._finisher.withdrawn()
+            return
         client = self._client
         structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
         payload, identity = self.submission(job, asynchronous=not goes_sync(self.settings, job))
@@ -105,6 +120,8 @@ class Submitter:
         async def before_send() -> None:
             # Journal intent once, when the first request of this submission really goes out.
             if job.key not in self._sending:
+                if not await self.gate.admit():  # paused or drained since the ticket came
+                    raise _Withdrawn
                 await self._backend.mark_submitting(job, ticket.attempts, identity, self._key_fp)
                 self._sending[job.key] = sending
             sending.in_flight = True
@@ -121,6 +138,9 @@ class Submitter:
                                                before_send=before_send),
                     endpoint="submit", source=job.key, on_retry=after_attempt,
                 )
+        except _Withdrawn:
+            self._finisher.withdrawn()
+            return
         except (PermanentError, TransientError) as exc:
             after_attempt(exc)
             if isinstance(exc, TransientError) and not await client.health.verdict("submit"):
@@ -155,6 +175,10 @@ class Submitter:
                 if refused or not (st.maybe_sent or st.in_flight):
                     await self._backend.mark_pending(key, attempts=st.attempts - 1)
         self._sending.clear()
+
+
+class _Withdrawn(Exception):
+    """Raised by ``before_send`` when the run drained: this folder's request does not go."""
 
 
 def sent_types(payload: dict[str, Any]) -> tuple[str, ...]:
