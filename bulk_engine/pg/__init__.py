@@ -63,12 +63,12 @@ How the engine uses it (what replaces the SQLite journal and the local limiter):
 
 from __future__ import annotations
 
-from bulk_engine.errors import ConfigError
+from bulk_engine.errors import ConfigError as _ConfigError
 
 try:
     import asyncpg as _asyncpg  # noqa: F401 - only to say what is missing
 except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ConfigError(
+    raise _ConfigError(
         "--db needs PostgreSQL support: pip install 'bulk-engine[postgres]'"
     ) from None
 
