@@ -123,7 +123,8 @@ async def run_engine(
     progress = partial(
         show_progress, engine, live=live, total_rows=total_rows, console=console,
         interval=None if live else settings.status_interval, rate_limit=settings.rate_limit,
-        counter=RowCounter.for_source(manifest, settings.root) if total_rows is None else None,
+        counter=(RowCounter.for_source(manifest, settings.root, settings)
+                 if total_rows is None else None),
     )
     try:
         async with anyio.create_task_group() as tg:
