@@ -507,16 +507,16 @@ class _Producer:
         payload: dict[str, Any],
     ) -> Job | BadRow:
         files: tuple[FileEntry, ...] | tuple[S3Entry, ...] = ()
-        try:
-            if not self.list_folders:
-                pass
-            elif isinstance(path, S3Url):
-                files = self.bucket().list_folder(path, max_file_size=self.max_file_size)
-            else:
-                files = list_folder(
-                    path, max_file_size=self.max_file_size, follow_symlinks=self.follow_symlinks)
-        except ManifestError as exc:
-            return self.bad(line, row_id, folder, exc.kind, exc.message)
+        if self.list_folders:
+            try:
+                files = (
+                    self.bucket().list_folder(path, max_file_size=self.max_file_size)
+                    if isinstance(path, S3Url)
+                    else list_folder(path, max_file_size=self.max_file_size,
+                                     follow_symlinks=self.follow_symlinks)
+                )
+            except ManifestError as exc:
+                return self.bad(line, row_id, folder, exc.kind, exc.message)
         return self.listed(line, row_id, folder, path, files, use_case=use_case,
                            analyse_type=analyse_type, payload=payload)
 

@@ -32,7 +32,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -72,7 +71,10 @@ log = get_logger()
 
 # New folders wait while the earliest due poll is this late (results expire in 60 minutes).
 MAX_POLL_LATENESS_S = 60.0
-_BATCH = 64  # rows per worker-thread hop
+_BATCH = 64  # rows per worker-thread hop, at most
+# ...and a hop ends after this long: rows whose folders take a request each to list (buckets)
+# reach the submitters while the listing goes on, and an interrupt is not held up by a batch.
+_BATCH_S = 0.05
 
 
 class SlotAcquirer(Protocol):
@@ -269,7 +271,14 @@ class Producer:
 
 
 def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:
-    return list(islice(rows, n))
+    """Up to ``n`` rows, fewer when listing them takes longer than ``_BATCH_S``."""
+    out: list[Job | BadRow] = []
+    end = time.monotonic() + _BATCH_S
+    for item in rows:
+        out.append(item)
+        if len(out) >= n or time.monotonic() >= end:
+            break
+    return out
 
 
 def _legacy_identity(rec: RowRecord, job: Job | None, identity: str | None) -> str | None:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,9 +63,12 @@ FAST = dict(processing_time=(0.01, 0.05), max_parallel_analyses=50, seed=1)
 
 
 def put_folders(server: S3Server, bucket: str, folders: dict[str, dict[str, bytes]]) -> None:
-    """Store each folder's files under its prefix (``prefix/name``)."""
-    server.put_many(bucket, [(f"{prefix.rstrip('/')}/{name}", data)
-                             for prefix, files in folders.items() for name, data in files.items()])
+    """Store each folder's files under its prefix (``prefix/name``), four PUTs at a time."""
+    s3 = server.client()  # boto3 clients are thread-safe
+    items = [(f"{prefix.rstrip('/')}/{name}", data)
+             for prefix, files in folders.items() for name, data in files.items()]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda kv: s3.put_object(Bucket=bucket, Key=kv[0], Body=kv[1]), items))
 
 
 def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -296,6 +300,26 @@ async def test_bucket_rows_upload_byte_exact_beside_local_ones(
     assert summary["s3_bytes_read"] == 1000 + 8 + 350_001 + 5000
 
 
+async def test_every_upload_attempt_reads_the_objects_again(
+    s3_env: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The API resets uploads (the emulator's reset-before-body fault): each retry of the POST
+    streams the folder from fresh GETs, and the run that finally lands has the exact bytes."""
+    rnd = random.Random(13)
+    files = {"a.bin": rnd.randbytes(200_000), "b.bin": rnd.randbytes(100_000)}
+    put_folders(s3_env, bucket, {"cases/big": files})
+    manifest = write_manifest(tmp_path / "m.csv", [("big", f"s3://{bucket}/cases/big/")])
+    out = tmp_path / "out.jsonl"
+    async with run_emulator(config(reset_before_body_rate=0.6, seed=3)) as emu:
+        result = await Engine(engine_settings(emu.base_url, out), manifest).run()
+        got = received(emu)
+    summary = result.summary.to_json()
+    assert result.exit_code == 0
+    assert summary["submits"] >= 2 and summary["s3_get_calls"] > len(files)
+    assert list(got.values()) == [parts_of(files)]
+    assert read_lines(out)[0]["result"] == expected_for_contents(files)
+
+
 async def test_root_s3_every_leaf_prefix_is_a_row_and_dry_run_and_count_only_list(
     s3_env: S3Server, bucket: str, tmp_path: Path
 ) -> None:
@@ -334,6 +358,34 @@ async def test_root_s3_every_leaf_prefix_is_a_row_and_dry_run_and_count_only_lis
             rec = lines[key.removeprefix("archive/")]
             assert rec["folder"] == f"s3://{bucket}/{key}/"
             assert rec["result"] == expected_for_contents(files)
+
+
+async def test_a_large_prefix_starts_uploading_before_its_walk_ends(
+    s3_env: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """--root s3:// over many folders: the first upload goes out while most of the tree is
+    still unlisted (rows stream from the walk; a thread hop ends after 50 ms of listing)."""
+    folders = sample_folders(40, seed=10, prefix="many")
+    put_folders(s3_env, bucket, folders)
+    out = tmp_path / "out.jsonl"
+    at_first_upload: list[int] = []
+    async with run_emulator(config()) as emu:
+        engine = Engine(engine_settings(emu.base_url, out, root=S3Url(bucket, "many/"),
+                                        concurrency=2), None)
+
+        async def watch() -> None:
+            with anyio.fail_after(30):
+                while engine.s3 is None or engine.counters.submitted == 0:
+                    await anyio.sleep(0.001)
+            stats = engine.s3.statistics()
+            at_first_upload.append(stats.list_calls if stats else 0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            result = await engine.run()
+    total = result.summary.to_json()["s3_list_calls"]
+    assert result.exit_code == 0 and len(read_lines(out)) == 40
+    assert total >= 41 and at_first_upload[0] < total / 2, (at_first_upload, total)
 
 
 @pytest.fixture(scope="module")
