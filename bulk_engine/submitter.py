@@ -39,6 +39,7 @@ from bulk_engine.config import Settings
 from bulk_engine.errors import (
     AmbiguousSubmitError,
     ApiError,
+    ConfigError,
     ManifestError,
     PermanentError,
     StoreUnavailableError,
@@ -151,7 +152,7 @@ class Submitter:
                 error=ErrorInfo(exc.kind, exc.message),
                 submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
             return
-        except StoreUnavailableError:
+        except (StoreUnavailableError, ConfigError):  # S3 down, or its credentials refused
             sending.in_flight = False  # the body never reached the API whole: no run exists
             raise
         self._sending.pop(job.key, None)

@@ -241,6 +241,20 @@ def test_settings_take_an_s3_root_literally_and_check_the_endpoint() -> None:
     assert isinstance(load_settings(cli={"root": "/data/x"}, environ={}).root, Path)
 
 
+def test_the_panel_counts_a_manifest_of_bucket_rows_without_any_s3_request(
+    tmp_path: Path,
+) -> None:
+    """A manifest's rows are counted from the file: no S3 access is even set up (a malformed
+    URL is a row too, as it will be a failed line)."""
+    manifest = write_manifest(tmp_path / "m.csv", [
+        ("a", "s3://bucket-a/x/"), ("b", "s3://bucket-b/y"), ("bad", "s3://B/x/"),
+        ("local", "folders/c")])
+    counter = RowCounter.for_source(manifest, None)
+    assert isinstance(counter, RowCounter)
+    counter.step()
+    assert counter.total == 4
+
+
 def test_failed_manifest_keeps_bucket_folders_as_they_are(tmp_path: Path) -> None:
     """`report --failed-manifest`: an s3:// folder is absolute, never joined to a directory."""
     out = tmp_path / "out.jsonl"
