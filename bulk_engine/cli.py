@@ -50,6 +50,7 @@ examples:
   python -m bulk_engine manifest.csv --output results.jsonl --rate-limit 10
   python -m bulk_engine manifest.csv --concurrency 16 --poll-min 10 --poll-max 30
   python -m bulk_engine --root /archive/folders --output results.jsonl
+  python -m bulk_engine --root s3://archive/cases/ --output results.jsonl   # extra: [s3]
   python -m bulk_engine manifest.csv --config backfill.toml --stats-json stats.json
   python -m bulk_engine manifest.csv --dry-run         # check every row, send nothing
   python -m bulk_engine manifest.csv --retry-failed    # rerun only the failed rows
@@ -133,7 +134,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="CSV with a `folder` column (and optional id, use_case, analyse_type, "
                         "payload); relative folders resolve against the manifest's directory")
     a = p.add_argument
-    a("--root", type=Path, help="instead of a manifest: every leaf folder under DIR is a row")
+    # A string, not a Path: Path("s3://b/p/") would fold the "//" (config parses it).
+    a("--root", help="instead of a manifest: every leaf folder under DIR (or leaf prefix "
+                     "under s3://BUCKET/PREFIX/) is a row")
     a("--base-url", help=f"API base URL (env BULK_ENGINE_BASE_URL, default {DEFAULT_BASE_URL})")
     a("--api-key", help="API key (prefer env BULK_ENGINE_API_KEY: argv is visible to others)")
     a("--output", type=Path, help="JSONL output path (default results.jsonl)")
@@ -156,6 +159,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
       help="follow symlinks that point outside their folder")
     a("--confine-to", type=Path, help="refuse manifest folders outside DIR")
     a("--ca-bundle", type=Path, help="PEM file of CA certificates for a private CA")
+    a("--s3-endpoint-url", help="S3-compatible store of s3:// folders (default: "
+      "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / the AWS profile's, else AWS)")
     a("--retry-failed", action=_RetryFailed, nargs="?", default=None, metavar="KINDS",
       help="resubmit rows whose outcome was failed (the output is rewritten without them); "
            "KINDS (comma-separated error kinds, e.g. token_expired,server_error) limits it to "

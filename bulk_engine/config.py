@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bulk_engine.errors import ConfigError
+from bulk_engine.s3.url import S3Url, is_s3_url, parse_s3_url
 from bulk_engine.vocab import ERROR_KINDS
 
 __all__ = [
@@ -82,7 +83,7 @@ class Settings:
     poll_timeout: float = 60.0
     max_file_size: int = 100 * 1024 * 1024
     follow_symlinks: bool = False
-    root: Path | None = None
+    root: Path | S3Url | None = None  # a directory, or s3://bucket/prefix/ (parse_s3_url)
     confine_to: Path | None = None
     ca_bundle: Path | None = None
     retry_failed: bool = False
@@ -105,6 +106,7 @@ class Settings:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     stuck_factor: float = 3.0
+    s3_endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile
 
     def __post_init__(self) -> None:
         def need(cond: bool, setting: str | tuple[str, ...], msg: str) -> None:
@@ -174,6 +176,11 @@ class Settings:
              f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         need(self.log_format in LOG_FORMATS, "log_format",
              f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.s3_endpoint_url is not None:
+            ep = urlsplit(self.s3_endpoint_url)
+            need(ep.scheme in ("http", "https") and bool(ep.hostname), "s3_endpoint_url",
+                 "s3_endpoint_url must be an http:// or https:// URL, got "
+                 f"{ep.scheme + '://' if ep.scheme else ''}{ep.hostname or '(no host)'}")
         if self.ca_bundle is not None:
             need(self.ca_bundle.is_file(), "ca_bundle",
                  f"ca_bundle {self.ca_bundle} is not a readable file")
@@ -214,8 +221,13 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
         if value is None:
             return None
         if "Path" in typ:
-            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            if not isinstance(value, (str, os.PathLike, S3Url)) or not str(value).strip():
                 raise ValueError(value)
+            if isinstance(value, S3Url) or ("S3Url" in typ and is_s3_url(str(value))):
+                if "S3Url" not in typ:
+                    raise ValueError(value)
+                # s3://bucket/prefix/ taken literally: Path() would fold its "//"
+                return value if isinstance(value, S3Url) else _s3_url(name, str(value), where)
             return Path(value).expanduser()
         if "tuple" in typ:
             if isinstance(value, str):
@@ -249,6 +261,13 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
                                               "a list of names" if "tuple" in typ else "text")
         shown = "a value that is not text (not shown)" if name == "api_key" else repr(value)
         raise ConfigError(f"setting {name}: expected {kind}, got {shown}{where}") from None
+
+
+def _s3_url(name: str, value: str, where: str) -> S3Url:
+    try:
+        return parse_s3_url(value)
+    except ConfigError as exc:
+        raise ConfigError(f"setting {name}: {exc}{where}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

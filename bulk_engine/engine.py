@@ -10,6 +10,7 @@ decision lives.
                                                  [stream] ──▶ ResultWriter ─▶ results.jsonl
                 one RateLimiter and one ApiHealth for every API call (CaseClient)
                 Journal (SQLite): submitting / submitted+token / done, for crash-safe resume
+                S3Access: the S3 client of s3:// folders, opened when a row first needs it
 
 Task layout (one task group per run, no loose tasks): the writer runs in the outer group; the
 producer, the submitters and the scheduler run in an inner cancel scope. An interrupt or a fatal
@@ -19,12 +20,13 @@ commits it, so nothing decided is lost and nothing is written twice.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -53,6 +55,8 @@ from bulk_engine.policy import MassFailureWindow
 from bulk_engine.poller import Poller
 from bulk_engine.producer import Producer, ProducerStatistics
 from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.s3.access import S3Access, bind_store
+from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollPolicy, PollScheduler
 from bulk_engine.startup import StartupReport, prepare_output
 from bulk_engine.stats import LiveCounters, Summary
@@ -60,6 +64,9 @@ from bulk_engine.stuck import StuckStatistics, StuckWatch
 from bulk_engine.submitter import Submitter, SubmitterStatistics
 from bulk_engine.vocab import ExitCode, Status
 from bulk_engine.writer import OutputLock, ReconcileReport, ResultWriter
+
+if TYPE_CHECKING:
+    from bulk_engine.s3.source import S3Stats
 
 __all__ = [
     "MAX_CONCURRENT_POLLS",
@@ -91,6 +98,7 @@ class RunStatistics:
     poll_lateness_s: float = 0.0  # how late the earliest due poll is (rate saturated)
     control: ControlStatistics = field(default_factory=ControlStatistics)  # pause, drain, tunables
     stuck: StuckStatistics = field(default_factory=StuckStatistics)  # and the oldest token
+    s3: S3Stats | None = None  # the S3 source's counters, when a row needed a bucket
 
     def counters(self) -> LiveCounters:
         """The figures of the live panel."""
@@ -114,6 +122,8 @@ class RunStatistics:
             "retries": c.retries, "ambiguous_submits": c.ambiguous_submits,
             "bytes_uploaded": c.bytes_uploaded, "final_rate_limit": round(self.current_rate, 3),
             "stuck_analyses": self.stuck.reported, "rows_withdrawn": self.finisher.withdrawn,
+            **({f"s3_{k}": v for k, v in dataclasses.asdict(self.s3).items()}
+               if self.s3 is not None else {}),
         }
 
 
@@ -166,6 +176,7 @@ class Engine:
                                    initial_tokens=1.0)
         self.health = ApiHealth(self.clock, outage_after=settings.outage_after)
         self.client: CaseClient | None = None
+        self.s3: S3Access | None = None  # the run's S3 access (buckets), while it runs
         self.producer_stats = ProducerStats()  # replaced by the producer's when the run starts
         self._stages_: _Stages | None = None
         self._startup = StartupReport(ReconcileReport(), 0)
@@ -294,6 +305,7 @@ class Engine:
                 settings_refused=self._settings_refused),
             stuck=(st.stuck.statistics(st.scheduler.outstanding(), self.clock.now()) if st
                    else StuckStatistics()),
+            s3=self.s3.statistics() if self.s3 is not None else None,
         )
 
     @property
@@ -311,7 +323,7 @@ class Engine:
         # An unusable source or output stops the run before any state is created for it.
         if self.manifest is not None:
             check_manifest(self.manifest)
-        elif not source.is_dir():
+        elif not isinstance(source, S3Url) and not source.is_dir():
             raise ConfigError(f"--root {source} is not a directory; give the archive's top folder")
         if s.output.exists() and not s.output.is_file():
             raise ConfigError(f"--output {s.output} is not a regular file (a directory or a "
@@ -352,7 +364,7 @@ class Engine:
                         submitter=submitter)
         producer = Producer(s, self.manifest, journal=journal, backend=backend,
                             finisher=finisher, scheduler=scheduler, submitter=submitter,
-                            outstanding=outstanding, clock=self.clock)
+                            outstanding=outstanding, clock=self.clock, s3=self.s3)
         self.producer_stats = producer.stats
         writer = ResultWriter(s.output, journal, fsync_every=s.fsync_every,
                               fsync_interval=s.fsync_interval, on_durable=self._on_durable)
@@ -362,10 +374,13 @@ class Engine:
     async def _run_stages(self, journal: Journal) -> None:
         s = self.settings
         out_send, out_recv = anyio.create_memory_object_stream[Outcome](s.concurrency * 4 + 64)
-        async with CaseClient(
+        # Opened when a row first needs a bucket; the journal is bound to the store it reads.
+        s3 = S3Access.for_settings(s, rng=self.rng, clock=self.clock, on_open=bind_store(journal))
+        async with s3, CaseClient(
             s, limiter=self.limiter, clock=self.clock, rng=self.rng,
-            max_connections=s.concurrency + MAX_CONCURRENT_POLLS + 4, health=self.health,
+            max_connections=s.concurrency + MAX_CONCURRENT_POLLS + 4, health=self.health, s3=s3,
         ) as client:
+            self.s3 = s3
             self.client = client
             st = self._stages_ = self._stages(journal, client, out_send, out_recv)
             async with anyio.create_task_group() as outer:

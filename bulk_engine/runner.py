@@ -126,7 +126,8 @@ async def run_engine(
         loop.add_signal_handler(sig, on_signal, sig)
     install_signal_handlers(loop, engine, reloader)  # SIGUSR1 drains, SIGHUP reloads
     live = settings.progress and console.is_terminal
-    counter = RowCounter.for_source(manifest, settings.root) if total_rows is None else None
+    counter = (RowCounter.for_source(manifest, settings.root, settings)
+               if total_rows is None else None)
     progress = partial(
         show_progress, engine, live=live, total_rows=total_rows, console=console,
         interval=None if live else settings.status_interval, rate_limit=settings.rate_limit,

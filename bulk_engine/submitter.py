@@ -15,6 +15,11 @@ health decides (``health.ApiHealth.verdict``): a healthy API means this row's tr
 A submission cut short (an outage, an interrupt, a refused key) goes back to pending when none of
 its requests can have created a run (:meth:`Submitter.forget_unsent`), so the rerun does not
 flag it as a possible duplicate.
+
+A folder in a bucket can fail its upload on the S3 side (``s3.access``): an object changed since
+listing or unreadable fails the row (``file_changed``, ``file_unreadable``, or a transport kind
+when S3 failed for this row alone), never retried as the listed folder; an S3 outage stops the
+run. Either way the body never reached the API whole, so no run can exist for that attempt.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from bulk_engine.client import CaseClient, idempotency_key, submission_for
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
 from bulk_engine.control import SubmitGate
-from bulk_engine.errors import AmbiguousSubmitError, ApiError, PermanentError, TransientError
+from bulk_engine.errors import (
+    AmbiguousSubmitError,
+    ApiError,
+    ConfigError,
+    ManifestError,
+    PermanentError,
+    StoreUnavailableError,
+    TransientError,
+)
 from bulk_engine.finisher import Finisher
 from bulk_engine.logs import get_logger, short_token
 from bulk_engine.models import ErrorInfo, Job, Outcome, Submitted, Ticket
@@ -151,6 +164,17 @@ class Submitter:
                 error=ErrorInfo(exc.kind, exc.message, exc.http_status),
                 submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
             return
+        except ManifestError as exc:  # the bucket's side of this row (see the module doc)
+            sending.in_flight = False
+            self._sending.pop(job.key, None)
+            await self._finisher.api_row(Outcome.for_job(
+                job, status=Status.FAILED, attempts=ticket.attempts,
+                error=ErrorInfo(exc.kind, exc.message),
+                submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
+            return
+        except (StoreUnavailableError, ConfigError):  # S3 down, or its credentials refused
+            sending.in_flight = False  # the body never reached the API whole: no run exists
+            raise
         self._sending.pop(job.key, None)
         self._submitted += 1
         if answer.token is None:  # sync mode: the answer is the result
