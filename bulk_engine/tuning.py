@@ -24,23 +24,29 @@ at its last 202 poll, done at this one.
   would favour the fast). The fit gives a likely range as well as a value. The interval is
   where the client's own delays go: a poll that waited for a rate token or for the scheduler
   only widens its folder's interval, it never moves it, so nothing needs subtracting (a
-  residence-time signal would read rate-limiter waits as queueing; the first attempt did).
+  residence-time signal, submit to first 200, would read rate-limiter waits as queueing).
 - **Queue.** By Little's law the folders queued at the API are ``q = X * d`` (X: folders seen
-  done per second). The target is ``max(1.5, 0.9 * sqrt(limit))`` folders: enough that a slot
-  freed is refilled at once although completions are seen late (the detection lag) and in
-  bunches (the poll schedule), and that grows like the spread of those bunches.
+  done per second). The target is ``max(1.5, 0.9 * sqrt(limit), 0.15 * X * baseline)``
+  folders: enough that a slot freed is refilled at once although completions are seen late
+  (the detection lag) and in bunches (the poll schedule), growing like the spread of those
+  bunches, and never below what the delay estimate can resolve for a large cap.
 - **Rules** (TCP Vegas keeping a small queue, with slow start, and Netflix's Gradient2 in
   scaling the allowance with the square root of the limit):
   WARMUP: the limit grows by one per folder seen done while submitters wait, up to twice the
   start. PROBING: the limit doubles every round in which submitters waited and no queue shows,
   until one does. SETTLED: the limit steps down when the whole likely range of q is above the
-  target, up when it is below, and holds otherwise; three clear rounds go back to PROBING.
-  Cuts happen only when the window is what holds submitters back for at least half the round:
-  when the rate limiter holds them instead, the window is not causing a queue (so the
-  rate-bound case never loses throughput to a noisy estimate).
+  target, up when the likely value is below it (or the delay is small for the latency), and
+  holds otherwise; three clear rounds go back to PROBING. Where the polls say nothing (they
+  come after every folder is done) no delay is assumed: a queue soon shows as folders still
+  running at their polls. Cuts happen only when the window held submitters back for at least
+  half the round, or is far above what is in use: when the rate limiter holds submitters
+  instead, the window is not causing a queue, so a rate-bound run never loses throughput to a
+  noisy estimate (and since cuts are limit changes, never pauses, the limiter is never idled
+  by them).
 - **Keeping the baseline honest.** A round surely faster than the baseline moves the baseline
-  (it had some queueing in it). Six cuts in a row that do not shrink the delay move it the
-  other way (the folders got slower: that is not a queue), and probing starts again.
+  (it had some queueing in it). Six clear-evidence cuts in a row that shrink the throughput
+  with the window but not the delay move it the other way (the folders got slower: a queue
+  would drain, and hold the throughput while it does), and probing starts again.
 
 The async ``OutstandingWindow`` enforces ``min(controller.limit, max_outstanding)`` on the
 units held (without a controller: ``max_outstanding``, today's semaphore).
