@@ -1,10 +1,19 @@
 """Reading folders from S3 against reading them from local disk, side by side (issue 15).
 
 The same sample archive (``N`` folders of 1-3 small documents) is put on local disk and in a
-bucket of moto's S3 (its own process, ``tests/s3server.py``). A child process then reads every
-folder the way a submitter would, into a sink instead of the API (for now: the engine's S3 path
-comes later): list the folder, then stream every file through an aiohttp payload, at most
-``--concurrency`` folders at once.
+bucket of moto's S3 (its own process, ``tests/s3server.py``).
+
+``--engine`` runs the real engine on each: ``python -m bulk_engine`` as a child process, once
+with a manifest of the local folders and once with the same ids as ``s3://bucket/prefix/`` rows,
+against the emulator in its own process (processing time 0, no rate limit: the client is the
+bound). Reported per source: folders/s (the run's span, from its summary), the client's CPU per
+folder (the child's user+system time from ``os.wait4``, minus a one-folder run of the same
+source: the marginal cost of a folder, imports and start-up excluded), S3 requests per folder,
+and the child's peak RSS (its VmHWM, sampled).
+
+Without ``--engine``, a child process reads every folder the way a submitter does, into a sink
+instead of the API: list the folder, then stream every file through an aiohttp payload, at most
+``--concurrency`` folders at once (the S3 layer alone, no engine).
 
 - ``local``: ``manifest.list_folder`` in a worker thread, files through aiohttp's file payload.
 - ``s3``: ``S3Source.list_folder``, objects through ``S3ObjectPayload`` (GET with IfMatch).
@@ -17,7 +26,8 @@ what moto costs the machine only as wall time: it runs in another process, on th
 ones installed), each in its own child: CPU per LIST and per small GET, and CPU and RSS growth
 while streaming one large object. That is the comparison behind docs/s3.md.
 
-    python benchmarks/bench_s3.py                         # 200 folders, concurrency 8
+    python benchmarks/bench_s3.py --engine                # the engine, S3 against local disk
+    python benchmarks/bench_s3.py                         # the layer alone, 200 folders
     python benchmarks/bench_s3.py --folders 1000 --json s3.json
     python benchmarks/bench_s3.py --clients               # pip install obstore s3fs first
 """
@@ -37,9 +47,15 @@ from typing import Any
 
 from common import (
     REPO,
+    emulator,
+    emulator_flags,
+    engine_cmd,
+    engine_env,
     manifest_folders,
     md_table,
     print_machine,
+    read_output,
+    run_child,
     sample_archive,
     save_json,
     workdir,
@@ -57,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=8, help="folders read at once (8)")
     p.add_argument("--repeat", type=int, default=1, help="runs per source; the best is kept")
     p.add_argument("--clients", action="store_true", help="compare the S3 client libraries")
+    p.add_argument("--engine", action="store_true",
+                   help="the engine end to end (CLI child, emulator): S3 against local disk")
     p.add_argument("--big-mib", type=int, default=256, help="--clients: the large object (256)")
     p.add_argument("--workdir", help="keep the archive here (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
@@ -304,6 +322,94 @@ def bench_folders(args: argparse.Namespace, server: Any, work: Path) -> dict[str
     return {"concurrency": args.concurrency, "results": results}
 
 
+def _write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "folder"])
+        w.writerows(rows)
+    return path
+
+
+class _HighWater:
+    """The child's peak RSS, from its own VmHWM (sampled every 50 ms by ``run_child``).
+
+    Not ``ru_maxrss`` from ``wait4``: on Linux that keeps the forking parent's peak across the
+    exec, so every child would report at least this script's RSS."""
+
+    def __init__(self) -> None:
+        self.mib = 0.0
+
+    def __call__(self, pid: int) -> None:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.mib = max(self.mib, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+
+
+def bench_engine(args: argparse.Namespace, server: Any, work: Path) -> dict[str, Any]:
+    """The engine from a bucket and from local disk: folders/s, client CPU per folder."""
+    manifest = sample_archive(work / "archive", args.folders)
+    base = manifest.parent
+    bucket = server.new_bucket()
+    folders = manifest_folders(manifest)
+    items = [(p.relative_to(base).as_posix(), p.read_bytes())
+             for _, folder in folders
+             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    _upload(server, bucket, items)
+    rows = {
+        "local": [(i, str(p)) for i, p in folders],
+        "s3": [(i, f"s3://{bucket}/{p.relative_to(base).as_posix()}/") for i, p in folders],
+    }
+    env = {**server.env(), **engine_env(), "PYTHONPATH": str(REPO)}
+    flags = emulator_flags(processing=(0.0, 0.0), max_upload_bytes=1 << 30)
+    results = []
+    with emulator(flags, workdir=work) as emu:
+        for kind, all_rows in rows.items():
+            best: dict[str, Any] | None = None
+            for rep in range(args.repeat):
+                runs = {}
+                for n in (1, len(all_rows)):
+                    m = _write_manifest(work / f"{kind}-{n}.csv", all_rows[:n])
+                    out = work / f"{kind}-{n}-{rep}.jsonl"
+                    cmd = engine_cmd(m, base_url=emu.base_url, output=out, rate_limit=100_000,
+                                     concurrency=args.concurrency, poll_min=0.05, poll_max=0.2,
+                                     extra=["--max-outstanding", "2000"])
+                    hwm = _HighWater()
+                    run = run_child(cmd, env=env, workdir=work, name=f"{kind}-{n}",
+                                    timeout=1800, sampler=hwm)
+                    if run.returncode != 0:
+                        raise SystemExit(f"engine failed ({run.returncode}):\n"
+                                         f"{run.stderr[-3000:]}")
+                    stats = json.loads(out.with_suffix(".stats.json").read_text())
+                    runs[n] = (run, stats, read_output(out), hwm.mib)
+                (one, _, _, _), (run, stats, output, peak) = runs[1], runs[len(all_rows)]
+                n = len(all_rows)
+                r = {
+                    "source": kind, "folders": n, "completed": output.completed,
+                    "folders_per_s": stats["rows_per_s"], "wall_s": run.wall_s,
+                    "cpu_s": run.cpu_s,
+                    "cpu_ms_per_folder": (run.cpu_s - one.cpu_s) * 1e3 / (n - 1),
+                    "startup_cpu_s": one.cpu_s, "peak_rss_mib": peak,
+                    "s3_requests_per_folder": (stats.get("s3_list_calls", 0)
+                                               + stats.get("s3_get_calls", 0)) / n,
+                    "bytes": stats["bytes_uploaded"],
+                }
+                if best is None or r["cpu_ms_per_folder"] < best["cpu_ms_per_folder"]:
+                    best = r
+            assert best is not None
+            results.append(best)
+    table = [[r["source"], r["folders"], r["completed"], r["folders_per_s"],
+              r["cpu_ms_per_folder"], r["s3_requests_per_folder"], r["startup_cpu_s"],
+              r["peak_rss_mib"]] for r in results]
+    print(md_table(["source", "folders", "completed", "folders/s", "client CPU ms/folder",
+                    "S3 requests/folder", "start-up CPU s", "peak RSS MiB"], table))
+    return {"concurrency": args.concurrency, "results": results}
+
+
 def bench_clients(args: argparse.Namespace, server: Any) -> dict[str, Any]:
     import importlib.util
 
@@ -340,6 +446,8 @@ def main(argv: list[str] | None = None) -> None:
     with running_server() as server, workdir(args.workdir, "bench-s3-") as work:
         if args.clients:
             data["clients"] = bench_clients(args, server)
+        elif args.engine:
+            data["engine"] = bench_engine(args, server, work)
         else:
             data["folders"] = bench_folders(args, server, work)
     save_json(args.json, data)

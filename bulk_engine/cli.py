@@ -18,15 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
 from rich.console import Console
 
-from bulk_engine.config import DEFAULT_BASE_URL, Settings, load_settings, unknown_env
+from bulk_engine.config import DEFAULT_BASE_URL, Settings, load_settings, read_env, unknown_env
+from bulk_engine.control import ConfigReloader
 from bulk_engine.errors import BulkEngineError, ConfigError
 from bulk_engine.logs import Redactor, add_secret, configure_logging, get_logger
 from bulk_engine.runner import check_file_target, check_paths, print_error
@@ -47,9 +50,12 @@ examples:
   python -m bulk_engine manifest.csv --output results.jsonl --rate-limit 10
   python -m bulk_engine manifest.csv --concurrency 16 --poll-min 10 --poll-max 30
   python -m bulk_engine --root /archive/folders --output results.jsonl
+  python -m bulk_engine --root s3://archive/cases/ --output results.jsonl   # extra: [s3]
   python -m bulk_engine manifest.csv --config backfill.toml --stats-json stats.json
   python -m bulk_engine manifest.csv --dry-run         # check every row, send nothing
   python -m bulk_engine manifest.csv --retry-failed    # rerun only the failed rows
+  python -m bulk_engine manifest.csv --retry-failed token_expired,server_error
+  python -m bulk_engine manifest.csv --metrics-port 9464   # /metrics; SIGUSR1 drains
   nohup python -m bulk_engine manifest.csv --log-file run.log &   # JSON logs, status lines
   python -m bulk_engine demo                           # sample archive + local emulator
   python -m bulk_engine bench --rate-limit 20          # sweep settings against an emulator
@@ -130,7 +136,9 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    help="CSV with a `folder` column (and optional id, use_case, analyse_type, "
                         "payload); relative folders resolve against the manifest's directory")
     a = p.add_argument
-    a("--root", type=Path, help="instead of a manifest: every leaf folder under DIR is a row")
+    # A string, not a Path: Path("s3://b/p/") would fold the "//" (config parses it).
+    a("--root", help="instead of a manifest: every leaf folder under DIR (or leaf prefix "
+                     "under s3://BUCKET/PREFIX/) is a row")
     a("--base-url", help=f"API base URL (env BULK_ENGINE_BASE_URL, default {DEFAULT_BASE_URL})")
     a("--api-key", help="API key (prefer env BULK_ENGINE_API_KEY: argv is visible to others)")
     a("--output", type=Path, help="JSONL output path (default results.jsonl)")
@@ -153,8 +161,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
       help="follow symlinks that point outside their folder")
     a("--confine-to", type=Path, help="refuse manifest folders outside DIR")
     a("--ca-bundle", type=Path, help="PEM file of CA certificates for a private CA")
-    a("--retry-failed", action="store_true", default=None,
-      help="resubmit rows whose outcome was failed (the output is rewritten without them)")
+    a("--s3-endpoint-url", help="S3-compatible store of s3:// folders (default: "
+      "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / the AWS profile's, else AWS)")
+    a("--retry-failed", action=_RetryFailed, nargs="?", default=None, metavar="KINDS",
+      help="resubmit rows whose outcome was failed (the output is rewritten without them); "
+           "KINDS (comma-separated error kinds, e.g. token_expired,server_error) limits it to "
+           "those")
     a("--max-failure-rate", type=float,
       help="stop when this share of recent rows failed server-side (default 0.5)")
     a("--failure-window", type=int,
@@ -181,6 +193,37 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                    "BULK_ENGINE_DB: argv is visible to others); see `export`")
     a("--run", help="with --db: the shared run's name (default: derived from the manifest's "
                     "content and the settings, so every worker joins the same run)")
+    a("--metrics-port", type=int, metavar="PORT",
+      help="serve Prometheus /metrics and /control/* (pause, resume, drain, settings) on PORT")
+    a("--metrics-host", metavar="HOST",
+      help="address of that server (default 127.0.0.1; another needs BULK_ENGINE_CONTROL_TOKEN)")
+    a("--stuck-factor", type=float, metavar="K",
+      help="warn when a folder runs past K times the learned p99 processing time (default 3)")
+
+
+class _RetryFailed(argparse.Action):
+    """``--retry-failed`` alone: every failed row; ``--retry-failed KINDS``: those kinds."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        namespace.retry_failed = True
+        if values:
+            namespace.retry_failed_kinds = values
+
+
+_KINDS = re.compile(r"[a-z_]+(,[a-z_]+)*")
+
+
+def _bare_retry_failed(argv: list[str]) -> list[str]:
+    """``--retry-failed manifest.csv`` keeps meaning "every failed row" of that manifest: the
+    word after the flag is taken as kinds only if it looks like kinds and names no file."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        nxt = out[i + 1]
+        if arg == "--retry-failed" and not nxt.startswith("-") and (
+                not _KINDS.fullmatch(nxt) or Path(nxt).exists()):
+            out[i] = "--retry-failed="
+    return out
 
 
 def _early_redactor(argv: Sequence[str]) -> Redactor:
@@ -194,6 +237,16 @@ def _early_redactor(argv: Sequence[str]) -> Redactor:
 
 def _cli_settings(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(ns).items() if k not in ("command", "manifest", "config")}
+
+
+def _reloader(ns: argparse.Namespace) -> ConfigReloader | None:
+    """How SIGHUP re-reads the settings: as at the start, when there is a file to re-read."""
+    if ns.config is None and not os.environ.get("BULK_ENGINE_CONFIG"):
+        return None
+    cli = _cli_settings(ns)
+    pinned = {k for k, v in cli.items() if v is not None} | set(read_env(os.environ))
+    return ConfigReloader(partial(load_settings, cli=cli, config_file=ns.config),
+                          frozenset(pinned))
 
 
 def _run(ns: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -238,7 +291,7 @@ def _run(ns: argparse.Namespace, argv: Sequence[str]) -> int:
         from bulk_engine.plan import dry_run
 
         return dry_run(settings, ns.manifest, console)
-    return asyncio.run(run_engine(settings, ns.manifest, console))
+    return asyncio.run(run_engine(settings, ns.manifest, console, reloader=_reloader(ns)))
 
 
 def _has_password(url: str) -> bool:
@@ -457,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    argv = _with_command(argv)
+    argv = _bare_retry_failed(_with_command(argv))
     parser = build_parser()
     try:
         ns, extras = parser.parse_known_args(argv)

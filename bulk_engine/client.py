@@ -11,6 +11,13 @@ thread): memory does not grow with file size, and a fresh body is built from fre
 files on every attempt, because a multipart body is consumed by the attempt that sends it.
 Folders of at most ``SMALL_FOLDER_BYTES`` are read whole in one worker-thread call per attempt
 and sent as one bytes body instead: same bytes, less CPU.
+
+A folder in a bucket (``s3://``) goes the same way through the run's ``S3Access``: small ones
+read whole before the rate token is taken, larger ones streamed object by object from a fresh
+GET under the listed ETag on every attempt (``s3.payload.S3ObjectPayload``). An object that
+changed since listing, or a store that stopped answering, fails the upload before the body is
+complete: that is never a transport error of the API (``_exchange`` tells them apart with
+``s3.body_error``), and never an ambiguous submit.
 """
 
 from __future__ import annotations
@@ -24,9 +31,10 @@ import os
 import random
 import ssl
 import stat
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import aiohttp
 
@@ -38,6 +46,8 @@ from bulk_engine.errors import (
     AmbiguousSubmitError,
     ApiError,
     AuthError,
+    BulkEngineError,
+    ConfigError,
     FatalRunError,
     PermanentError,
     TransientError,
@@ -46,6 +56,11 @@ from bulk_engine.health import ApiHealth
 from bulk_engine.logs import Redactor, get_logger
 from bulk_engine.models import FileEntry, Job
 from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, Limiter
+from bulk_engine.s3.listing import S3Entry
+from bulk_engine.s3.url import S3Url
+
+if TYPE_CHECKING:
+    from bulk_engine.s3.access import S3Access
 
 __all__ = [
     "MIN_UPLOAD_BYTES_PER_S",
@@ -122,6 +137,9 @@ class ClientStats:
     transport_errors: int = 0
     ambiguous_submits: int = 0
     bytes_uploaded: int = 0
+    # Exchanges by (endpoint, HTTP status as text, or "error" when no answer came: connect
+    # error, timeout, reset): the metrics' API calls by endpoint and status.
+    answers: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -195,7 +213,7 @@ def _content_disposition(name: str, filename: str | None = None) -> str:
     return value
 
 
-def _content_type(f: FileEntry) -> str:
+def _content_type(f: FileEntry | S3Entry) -> str:
     if f.name.lower().endswith(".json"):
         return "application/json"
     guessed, _ = mimetypes.guess_type(multipart_filename(f.name))
@@ -228,8 +246,10 @@ class CaseClient:
         rng: random.Random,
         max_connections: int = 100,
         health: ApiHealth | None = None,
+        s3: S3Access | None = None,
     ) -> None:
         self._settings = settings
+        self._s3 = s3
         self._limiter = limiter
         self._clock = clock
         self._rng = rng
@@ -279,9 +299,13 @@ class CaseClient:
         does not make a row look like a possible duplicate.
         """
         assert self._session is not None, "use CaseClient as an async context manager"
+        s3 = self._bucket(job)
         # A small folder is read before the rate token is taken, so that the call leaves as soon
         # as it has its token (a thread hop in between would add jitter at the server's bucket).
-        contents = await _read_small_folder(job) if job.total_bytes <= SMALL_FOLDER_BYTES else None
+        contents: list[bytes] | None = None
+        if job.total_bytes <= SMALL_FOLDER_BYTES:
+            contents = (await s3.read_small([f for f in job.files if isinstance(f, S3Entry)])
+                        if s3 is not None else await _read_small_folder(job))
         await self._limiter.acquire(PRIORITY_SUBMIT)
         if before_send is not None:
             await before_send()
@@ -303,9 +327,13 @@ class CaseClient:
             with aiohttp.MultipartWriter("form-data") as mp:
                 part = mp.append(json.dumps(payload), {"Content-Type": "application/json"})
                 part.headers["Content-Disposition"] = _content_disposition("payload")
-                for i, f in enumerate(job.files):
+                entries: tuple[FileEntry | S3Entry, ...] = job.files
+                for i, f in enumerate(entries):
                     if contents is not None:
                         fh: Any = contents[i]
+                    elif isinstance(f, S3Entry):
+                        assert s3 is not None
+                        fh = await s3.payload(f)  # a fresh GET when aiohttp writes it
                     else:
                         # The reads happen in a worker thread inside aiohttp.
                         fh = _open_regular(f.path)
@@ -334,6 +362,15 @@ class CaseClient:
                 fh.close()
         self.stats.bytes_uploaded += job.total_bytes
         return self._submit_answer(status, text, retry_after, payload)
+
+    def _bucket(self, job: Job) -> S3Access | None:
+        """The run's S3 access for a folder in a bucket; None for a local folder."""
+        if not isinstance(job.path, S3Url):
+            return None
+        if self._s3 is None:
+            raise ConfigError(f"folder {job.path} is in a bucket, and this client has no S3 "
+                              "access (CaseClient(s3=...))")
+        return self._s3
 
     def _submit_answer(self, status: int, text: str, retry_after: float | None,
                        payload: dict[str, Any]) -> SubmitAnswer:
@@ -433,19 +470,31 @@ class CaseClient:
     ) -> tuple[int, float | None, str]:
         """One POST: (status, Retry-After seconds, body text). aiohttp errors end here."""
         assert self._session is not None, "use CaseClient as an async context manager"
+        answered = False
         try:
             async with self._session.post(
                 self._base + path,
                 allow_redirects=False,  # a redirect would carry the api-key header along
                 **kwargs,
             ) as resp:
+                answered = True
+                self.stats.answers[what, str(resp.status)] += 1
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 return resp.status, retry_after, await resp.text(errors="replace")
+        except BulkEngineError as exc:  # an S3 object of the body, if aiohttp did not wrap it
+            raise (_upload_source_error(exc) or exc) from None
         except aiohttp.ClientConnectorCertificateError as exc:
+            self.stats.answers[what, "error"] += 1
             raise self._tls_error(exc) from None
         except aiohttp.ClientConnectorError as exc:
+            self.stats.answers[what, "error"] += 1
             raise self._transport_error("connect", exc) from None  # nothing reached the server
         except (TimeoutError, aiohttp.ClientError) as exc:
+            source_error = _upload_source_error(exc)
+            if source_error is not None:  # an S3 object failed the body: the API saw no request
+                raise source_error from None
+            if not answered:  # else counted under its status, then cut short
+                self.stats.answers[what, "error"] += 1
             if ambiguous:  # the body may have reached the server: a run may exist
                 self.stats.ambiguous_submits += 1
             raise self._transport_error(what, exc, ambiguous=ambiguous) from None
@@ -549,6 +598,23 @@ class CaseClient:
             return result
 
 
+def _upload_source_error(exc: BaseException) -> BulkEngineError | None:
+    """What an S3 object of the body raised, if that is why the request failed (in the
+    engine's terms: ``s3.access.engine_error``); None for any other failure."""
+    found: BulkEngineError | None
+    if isinstance(exc, BulkEngineError):
+        found = exc
+    else:
+        from bulk_engine.s3.payload import body_error
+
+        found = body_error(exc)
+    if found is None:
+        return None
+    from bulk_engine.s3.access import engine_error
+
+    return engine_error(found)
+
+
 async def _read_small_folder(job: Job) -> list[bytes] | None:
     """Every file of a small folder, read in one worker-thread call; None if the folder grew
     past ``SMALL_FOLDER_BYTES`` since it was listed (it is streamed instead)."""
@@ -557,6 +623,7 @@ async def _read_small_folder(job: Job) -> list[bytes] | None:
         out: list[bytes] = []
         left = SMALL_FOLDER_BYTES
         for f in job.files:
+            assert isinstance(f, FileEntry), "a folder on disk"
             with _open_regular(f.path) as fh:
                 data = fh.read(left + 1)
             left -= len(data)

@@ -13,13 +13,15 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bulk_engine.errors import ConfigError
+from bulk_engine.s3.url import S3Url, is_s3_url, parse_s3_url
+from bulk_engine.vocab import ERROR_KINDS
 
 __all__ = [
     "ANALYSE_TYPES",
@@ -30,6 +32,7 @@ __all__ = [
     "MODES",
     "Settings",
     "load_settings",
+    "override",
     "read_env",
     "read_toml",
     "unknown_env",
@@ -83,7 +86,7 @@ class Settings:
     poll_timeout: float = 60.0
     max_file_size: int = 100 * 1024 * 1024
     follow_symlinks: bool = False
-    root: Path | None = None
+    root: Path | S3Url | None = None  # a directory, or s3://bucket/prefix/ (parse_s3_url)
     confine_to: Path | None = None
     ca_bundle: Path | None = None
     retry_failed: bool = False
@@ -106,6 +109,12 @@ class Settings:
     log_format: str = "auto"
     log_file: Path | None = None
     stats_json: Path | None = None
+    # ---- long runs: metrics, control, stuck analyses (README "Long runs") ----
+    retry_failed_kinds: tuple[str, ...] = ()  # with retry_failed: only these kinds (else all)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    stuck_factor: float = 3.0
+    s3_endpoint_url: str | None = None  # else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile
 
     def __post_init__(self) -> None:
         def need(cond: bool, setting: str | tuple[str, ...], msg: str) -> None:
@@ -190,9 +199,28 @@ class Settings:
              f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         need(self.log_format in LOG_FORMATS, "log_format",
              f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.s3_endpoint_url is not None:
+            ep = urlsplit(self.s3_endpoint_url)
+            need(ep.scheme in ("http", "https") and bool(ep.hostname), "s3_endpoint_url",
+                 "s3_endpoint_url must be an http:// or https:// URL, got "
+                 f"{ep.scheme + '://' if ep.scheme else ''}{ep.hostname or '(no host)'}")
         if self.ca_bundle is not None:
             need(self.ca_bundle.is_file(), "ca_bundle",
                  f"ca_bundle {self.ca_bundle} is not a readable file")
+        self._check_long_run_settings(need)
+
+    def _check_long_run_settings(self, need: Callable[[bool, str, str], None]) -> None:
+        unknown = [k for k in self.retry_failed_kinds if k not in ERROR_KINDS]
+        need(not unknown, "retry_failed_kinds",
+             f"unknown error kind {', '.join(map(repr, unknown))} for --retry-failed; "
+             f"choose from {', '.join(sorted(ERROR_KINDS))}")
+        need(not self.retry_failed_kinds or self.retry_failed, "retry_failed_kinds",
+             "retry_failed_kinds is used with retry_failed = true")
+        need(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "metrics_port",
+             f"metrics_port must be a TCP port (0-65535), got {self.metrics_port}")
+        need(bool(self.metrics_host.strip()), "metrics_host", "metrics_host must not be empty")
+        need(math.isfinite(self.stuck_factor) and self.stuck_factor >= 1, "stuck_factor",
+             f"stuck_factor must be a number of at least 1, got {self.stuck_factor}")
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -208,6 +236,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in fields(Settings)}
+# Settings whose command-line flag is not named after them.
+_FLAGS = {"retry_failed_kinds": "--retry-failed"}
 
 
 def _coerce(name: str, value: Any, source: str = "") -> Any:
@@ -219,8 +249,13 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
         if value is None:
             return None
         if "Path" in typ:
-            if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+            if not isinstance(value, (str, os.PathLike, S3Url)) or not str(value).strip():
                 raise ValueError(value)
+            if isinstance(value, S3Url) or ("S3Url" in typ and is_s3_url(str(value))):
+                if "S3Url" not in typ:
+                    raise ValueError(value)
+                # s3://bucket/prefix/ taken literally: Path() would fold its "//"
+                return value if isinstance(value, S3Url) else _s3_url(name, str(value), where)
             return Path(value).expanduser()
         if "tuple" in typ:
             if isinstance(value, str):
@@ -254,6 +289,13 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
                                               "a list of names" if "tuple" in typ else "text")
         shown = "a value that is not text (not shown)" if name == "api_key" else repr(value)
         raise ConfigError(f"setting {name}: expected {kind}, got {shown}{where}") from None
+
+
+def _s3_url(name: str, value: str, where: str) -> S3Url:
+    try:
+        return parse_s3_url(value)
+    except ConfigError as exc:
+        raise ConfigError(f"setting {name}: {exc}{where}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -340,7 +382,7 @@ def load_settings(
     source.update({n: ENV_PREFIX + n.upper() for n in from_env})
     for name, value in (cli or {}).items():
         if value is not None and name in _FIELDS:
-            flag = "--" + name.replace("_", "-")
+            flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
             merged[name] = _coerce(name, value, flag)
             source[name] = flag
     try:
@@ -354,3 +396,17 @@ def load_settings(
         raise ConfigError(f"{exc}{hint}") from None
     except TypeError as exc:  # pragma: no cover - guarded by _FIELDS
         raise ConfigError(str(exc)) from None
+
+
+def override(settings: Settings, values: Mapping[str, Any], *, source: str) -> Settings:
+    """``settings`` with ``values`` (by setting name; text, numbers and lists are coerced as
+    from a TOML file), validated as a whole: ConfigError naming the setting and ``source``.
+    A running engine applies its tunables this way (SIGHUP, ``POST /control/settings``)."""
+    unknown = sorted(str(name) for name in values if name not in _FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(map(repr, unknown))} (from {source})")
+    coerced = {name: _coerce(name, value, source) for name, value in values.items()}
+    try:
+        return settings.replace(**coerced)
+    except _InvalidSetting as exc:
+        raise ConfigError(f"{exc} (from {source})") from None

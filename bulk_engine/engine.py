@@ -10,6 +10,7 @@ decision lives.
                                                  [stream] ──▶ ResultWriter ─▶ results.jsonl
                 one RateLimiter and one ApiHealth for every API call (CaseClient)
                 Journal (SQLite): submitting / submitted+token / done, for crash-safe resume
+                S3Access: the S3 client of s3:// folders, opened when a row first needs it
 
 Task layout (one task group per run, no loose tasks): the writer runs in the outer group; the
 producer, the submitters and the scheduler run in an inner cancel scope. An interrupt or a fatal
@@ -19,33 +20,53 @@ commits it, so nothing decided is lost and nothing is written twice.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from bulk_engine.backend import SqliteBackend
 from bulk_engine.client import CaseClient, ClientStats, key_fingerprint
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
+from bulk_engine.control import (
+    ControlStatistics,
+    OutstandingSlots,
+    SubmitGate,
+    changed_settings,
+    retune_limiter,
+    tunable_values,
+)
 from bulk_engine.errors import AuthError, BulkEngineError, ConfigError, first_error
 from bulk_engine.finisher import Finisher, FinisherStatistics
 from bulk_engine.health import ApiHealth, HealthStatistics
 from bulk_engine.journal import Journal, settings_fingerprint, settings_summary
+from bulk_engine.logs import get_logger
 from bulk_engine.manifest import ProducerStats, check_manifest
 from bulk_engine.models import Outcome, Ticket
 from bulk_engine.policy import MassFailureWindow
 from bulk_engine.poller import Poller
 from bulk_engine.producer import Producer, ProducerStatistics
 from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.s3.access import S3Access, bind_store
+from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollPolicy, PollScheduler
 from bulk_engine.startup import StartupReport, prepare_output
 from bulk_engine.stats import LiveCounters, Summary
+from bulk_engine.stuck import StuckStatistics, StuckWatch
 from bulk_engine.submitter import Submitter, SubmitterStatistics
 from bulk_engine.vocab import ExitCode, Status
 from bulk_engine.writer import OutputLock, ReconcileReport, ResultWriter
+
+if TYPE_CHECKING:
+    from bulk_engine.s3.source import S3Stats
 
 __all__ = [
     "MAX_CONCURRENT_POLLS",
@@ -53,6 +74,8 @@ __all__ = [
     "RunResult",
     "RunStatistics",
 ]
+
+log = get_logger()
 
 # Concurrent polls at most; the connection pool holds them and the uploads.
 MAX_CONCURRENT_POLLS = 64
@@ -72,6 +95,10 @@ class RunStatistics:
     current_rate: float  # the limiter's rate now (below the configured one after 429s)
     rows_redone: int  # rows done in the journal whose line was gone from the output
     resubmits: int  # rows resubmitted after a dead token (404/401)
+    poll_lateness_s: float = 0.0  # how late the earliest due poll is (rate saturated)
+    control: ControlStatistics = field(default_factory=ControlStatistics)  # pause, drain, tunables
+    stuck: StuckStatistics = field(default_factory=StuckStatistics)  # and the oldest token
+    s3: S3Stats | None = None  # the S3 source's counters, when a row needed a bucket
 
     def counters(self) -> LiveCounters:
         """The figures of the live panel."""
@@ -80,7 +107,8 @@ class RunStatistics:
             rows_read=p.rows_read, rows_skipped_done=p.rows_skipped_done,
             rows_resumed=p.rows_resumed, submitted=self.submitter.submitted,
             processing=self.processing, completed=self.finisher.completed,
-            failed=self.finisher.failed, bytes_uploaded=self.client.bytes_uploaded)
+            failed=self.finisher.failed, bytes_uploaded=self.client.bytes_uploaded,
+            stuck=self.stuck.reported)
 
     def summary_extras(self) -> dict[str, float | int]:
         """The live run's part of the end-of-run summary (an output file cannot tell these)."""
@@ -93,6 +121,9 @@ class RunStatistics:
             "polls": c.polls, "throttled_429": c.throttled, "unavailable_503": c.unavailable,
             "retries": c.retries, "ambiguous_submits": c.ambiguous_submits,
             "bytes_uploaded": c.bytes_uploaded, "final_rate_limit": round(self.current_rate, 3),
+            "stuck_analyses": self.stuck.reported, "rows_withdrawn": self.finisher.withdrawn,
+            **({f"s3_{k}": v for k, v in dataclasses.asdict(self.s3).items()}
+               if self.s3 is not None else {}),
         }
 
 
@@ -120,6 +151,9 @@ class _Stages:
     producer: Producer
     writer: ResultWriter
     outcomes: MemoryObjectReceiveStream[Outcome]
+    outstanding: OutstandingSlots
+    mass_failure: MassFailureWindow
+    stuck: StuckWatch
 
 
 class Engine:
@@ -146,6 +180,7 @@ class Engine:
                                    initial_tokens=1.0)
         self.health = ApiHealth(self.clock, outage_after=settings.outage_after)
         self.client: CaseClient | None = None
+        self.s3: S3Access | None = None  # the run's S3 access (buckets), while it runs
         self.producer_stats = ProducerStats()  # replaced by the producer's when the run starts
         self._stages_: _Stages | None = None
         self._startup = StartupReport(ReconcileReport(), 0)
@@ -153,6 +188,14 @@ class Engine:
         self._interrupted = False
         self._fatal: BaseException | None = None
         self._final_counts: dict[str, int] = {}
+        # Control without restart (control.py): the gate of new submissions, and how to start
+        # one more submitter when concurrency is raised (set while the submitters run).
+        self.gate = SubmitGate()
+        self.started_at = time.time()
+        self._add_submitter: Callable[[], bool] | None = None
+        self._submitters = 0
+        self._settings_applied = 0
+        self._settings_refused = 0
 
     # ---- control and figures ----------------------------------------------------------------
 
@@ -161,6 +204,86 @@ class Engine:
         self._interrupted = True
         if self._cancel_scope is not None:
             self._cancel_scope.cancel()
+
+    # ---- control without restart (control.py; README "Long runs: metrics and control") --------
+
+    def pause(self) -> bool:
+        """No new upload starts until :meth:`resume`; polls go on. True if this changed it."""
+        changed = self.gate.pause()
+        if changed:
+            log.warning("paused", hint="no new upload starts; polls go on (resume to go on)")
+        return changed
+
+    def resume(self) -> bool:
+        """New uploads start again after :meth:`pause`. True if the run was paused."""
+        changed = self.gate.resume()
+        if changed:
+            log.info("resumed")
+        return changed
+
+    def drain(self) -> bool:
+        """Stop sending new folders for good, finish every accepted token (lines written),
+        then end as usual. True the first time."""
+        changed = self.gate.drain()
+        if changed:
+            log.warning("draining", outstanding=self.statistics().processing,
+                        hint="no new folder is sent; every accepted one is retrieved, then "
+                             "the run ends (rerun the same command to go on)")
+        return changed
+
+    def apply_settings(self, values: Mapping[str, Any], *,
+                       source: str = "apply_settings") -> dict[str, list[Any]]:
+        """New values for tunables (``control.TUNABLES``), validated through ``Settings`` as a
+        whole, then applied live; returns ``{name: [old, new]}`` of what changed. A bad value
+        raises ConfigError and changes nothing."""
+        try:
+            new = changed_settings(self.settings, values, source=source)
+        except ConfigError as exc:
+            self.refuse_settings(str(exc), source=source)
+            raise
+        old = self.settings
+        changes = {k: [v, getattr(new, k)] for k, v in tunable_values(old).items()
+                   if getattr(new, k) != v}
+        self.settings = new
+        self._settings_applied += 1
+        if changes:
+            self._apply_live(new)
+        log.info("settings_applied", source=source, changes=changes or None)
+        return changes
+
+    def refuse_settings(self, error: str, *, source: str) -> None:
+        """A change of settings was refused (bad value, bad file): logged and counted; the old
+        values stay."""
+        self._settings_refused += 1
+        log.error("config_reload_failed" if source == "SIGHUP" else "settings_refused",
+                  source=source, error=error, hint="the old values are kept")
+
+    def control_state(self) -> dict[str, Any]:
+        """What a control answer shows: paused, draining, the tunables now (never a secret)."""
+        return {"paused": self.gate.paused, "draining": self.gate.draining,
+                "settings": tunable_values(self.settings)}
+
+    def outstanding_limit(self) -> int:
+        """The outstanding window's bound now (``max_outstanding`` unless changed live)."""
+        st = self._stages_
+        return st.outstanding.limit if st is not None else self.settings.max_outstanding
+
+    def _apply_live(self, new: Settings) -> None:
+        retune_limiter(self.limiter, rate=new.rate_limit, burst=new.burst)
+        st = self._stages_
+        if st is None:
+            return  # not started: the stages are created from self.settings
+        st.submitter.set_concurrency(new.concurrency)
+        while self._submitters < new.concurrency and self._add_submitter is not None:
+            if not self._add_submitter():
+                break
+        policy = st.scheduler.policy
+        policy.poll_min, policy.poll_max = new.poll_min, new.poll_max
+        st.outstanding.set_limit(new.max_outstanding)
+        st.mass_failure.retune(new.failure_window, new.max_failure_rate)
+        st.stuck.factor = new.stuck_factor
+
+    # ---- figures ------------------------------------------------------------------------------
 
     def statistics(self) -> RunStatistics:
         """Every stage's figures now (zeros before the run starts)."""
@@ -175,6 +298,18 @@ class Engine:
             current_rate=self.limiter.current_rate,
             rows_redone=self._startup.rows_redone,
             resubmits=st.poller.resubmits if st else 0,
+            poll_lateness_s=st.scheduler.lateness() if st else 0.0,
+            control=ControlStatistics(
+                paused=self.gate.paused, draining=self.gate.draining,
+                rate_limit=self.limiter.rate, burst=self.limiter.burst,
+                concurrency=st.submitter.concurrency if st else self.settings.concurrency,
+                outstanding_limit=self.outstanding_limit(),
+                withdrawn=st.finisher.statistics().withdrawn if st else 0,
+                settings_applied=self._settings_applied,
+                settings_refused=self._settings_refused),
+            stuck=(st.stuck.statistics(st.scheduler.outstanding(), self.clock.now()) if st
+                   else StuckStatistics()),
+            s3=self.s3.statistics() if self.s3 is not None else None,
         )
 
     @property
@@ -186,12 +321,13 @@ class Engine:
 
     async def run(self) -> RunResult:
         s = self.settings
+        self.started_at = time.time()
         source = self.manifest if self.manifest is not None else s.root
         assert source is not None
         # An unusable source or output stops the run before any state is created for it.
         if self.manifest is not None:
             check_manifest(self.manifest)
-        elif not source.is_dir():
+        elif not isinstance(source, S3Url) and not source.is_dir():
             raise ConfigError(f"--root {source} is not a directory; give the archive's top folder")
         if s.output.exists() and not s.output.is_file():
             raise ConfigError(f"--output {s.output} is not a regular file (a directory or a "
@@ -215,35 +351,40 @@ class Engine:
         """Every object of the run, created in one place."""
         s = self.settings
         backend = SqliteBackend(journal)
-        outstanding = anyio.Semaphore(s.max_outstanding)
-        finisher = Finisher(outcomes, outstanding=outstanding,
-                            mass_failure=MassFailureWindow(s.failure_window, s.max_failure_rate))
+        outstanding = OutstandingSlots(s.max_outstanding)  # resizable: apply_settings
+        mass_failure = MassFailureWindow(s.failure_window, s.max_failure_rate)
+        finisher = Finisher(outcomes, outstanding=outstanding, mass_failure=mass_failure)
+        policy = PollPolicy(s.poll_min, s.poll_max, rng=self.rng)
+        stuck = StuckWatch(policy, factor=s.stuck_factor)
         # The scheduler calls the poller, which resubmits through the submitter, which hands
         # tokens to the scheduler: the callback is bound to the poller created below.
-        scheduler = PollScheduler(lambda sub: poller.poll(sub),
-                                  PollPolicy(s.poll_min, s.poll_max, rng=self.rng),
-                                  clock=self.clock, max_concurrent_polls=MAX_CONCURRENT_POLLS)
+        scheduler = PollScheduler(lambda sub: poller.poll(sub), policy,
+                                  clock=self.clock, max_concurrent_polls=MAX_CONCURRENT_POLLS,
+                                  on_pending=stuck.check)
         submitter = Submitter(s, client=client, backend=backend, scheduler=scheduler,
                               finisher=finisher, key_fp=key_fingerprint(s.api_key),
-                              clock=self.clock)
+                              clock=self.clock, gate=self.gate)
         poller = Poller(s, client=client, backend=backend, finisher=finisher,
                         submitter=submitter)
         producer = Producer(s, self.manifest, journal=journal, backend=backend,
                             finisher=finisher, scheduler=scheduler, submitter=submitter,
-                            outstanding=outstanding, clock=self.clock)
+                            outstanding=outstanding, clock=self.clock, s3=self.s3)
         self.producer_stats = producer.stats
         writer = ResultWriter(s.output, journal, fsync_every=s.fsync_every,
                               fsync_interval=s.fsync_interval, on_durable=self._on_durable)
         return _Stages(backend, client, scheduler, finisher, submitter, poller, producer,
-                       writer, received)
+                       writer, received, outstanding, mass_failure, stuck)
 
     async def _run_stages(self, journal: Journal) -> None:
         s = self.settings
         out_send, out_recv = anyio.create_memory_object_stream[Outcome](s.concurrency * 4 + 64)
-        async with CaseClient(
+        # Opened when a row first needs a bucket; the journal is bound to the store it reads.
+        s3 = S3Access.for_settings(s, rng=self.rng, clock=self.clock, on_open=bind_store(journal))
+        async with s3, CaseClient(
             s, limiter=self.limiter, clock=self.clock, rng=self.rng,
-            max_connections=s.concurrency + MAX_CONCURRENT_POLLS + 4, health=self.health,
+            max_connections=s.concurrency + MAX_CONCURRENT_POLLS + 4, health=self.health, s3=s3,
         ) as client:
+            self.s3 = s3
             self.client = client
             st = self._stages_ = self._stages(journal, client, out_send, out_recv)
             async with anyio.create_task_group() as outer:
@@ -268,7 +409,6 @@ class Engine:
         s = self.settings
         job_send, job_recv = anyio.create_memory_object_stream[Ticket](s.concurrency)
         clones = [job_recv.clone() for _ in range(s.concurrency)]
-        job_recv.close()
         try:
             async with anyio.create_task_group() as tg:
                 st.poller.start(st.scheduler, tg)  # resubmissions after a 404/401 run here
@@ -278,13 +418,33 @@ class Engine:
                     feeders.start_soon(st.producer.run, job_send)
                     for clone in clones:
                         feeders.start_soon(st.submitter.worker, clone)
+                    self._submitters = len(clones)
+                    self._add_submitter = lambda: self._one_more_submitter(
+                        feeders, st.submitter, job_recv, clones)
+                self._add_submitter = None
                 st.scheduler.close()
         finally:
+            self._add_submitter = None
             # The tasks close their streams, but an interrupt or a fatal error (a 403 while
             # live tokens resume) can cancel them before they start. Closing twice is harmless.
             job_send.close()
+            job_recv.close()  # kept open until now: apply_settings clones it for new submitters
             for clone in clones:
                 clone.close()
+
+    def _one_more_submitter(self, feeders: anyio.abc.TaskGroup, submitter: Submitter,
+                            job_recv: MemoryObjectReceiveStream[Ticket],
+                            clones: list[MemoryObjectReceiveStream[Ticket]]) -> bool:
+        """Concurrency raised live: one more submitter on the tickets; False once the
+        producer is done (nothing left to share)."""
+        try:
+            clone = job_recv.clone()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        clones.append(clone)
+        feeders.start_soon(submitter.worker, clone)
+        self._submitters += 1
+        return True
 
     def _on_durable(self, outcomes: list[Outcome]) -> None:
         for out in outcomes:

@@ -8,14 +8,16 @@ Split by cause, and by whether a retry can help::
     ├── FatalRunError                   the whole run must stop (exit 1)
     │   ├── AuthError                   401/403 on POST /case, 403 on retrieve: the key is wrong
     │   ├── MassFailureError            too many recent rows failed server-side
-    │   └── ApiUnavailableError         the API stopped answering: stop before failing rows
+    │   ├── ApiUnavailableError         the API stopped answering: stop before failing rows
+    │   └── StoreUnavailableError       the S3 store stopped answering: stop before failing rows
     ├── ManifestError                   one bad manifest row or folder (becomes a `failed` line)
     └── ApiError                        one HTTP exchange that did not give what we wanted
         ├── TransientError              a retry can help: connect errors, timeouts, 429, 5xx
         │   └── AmbiguousSubmitError    POST /case lost after the body was sent: a run may exist
         └── PermanentError              a retry cannot help: 4xx on POST /case, retrieve 500
 
-aiohttp exceptions are translated into this tree in exactly one place, ``client.py``.
+aiohttp exceptions are translated into this tree in exactly one place, ``client.py``; botocore's
+(S3 folders) in ``s3/errors.py``, whose ``S3UnavailableError`` is a ``TransientError``.
 No exception text ever carries the API key or request headers.
 """
 
@@ -33,6 +35,7 @@ __all__ = [
     "MassFailureError",
     "PermanentError",
     "StorageError",
+    "StoreUnavailableError",
     "TransientError",
     "first_error",
 ]
@@ -73,6 +76,11 @@ class MassFailureError(FatalRunError):
 
 class ApiUnavailableError(FatalRunError):
     """The API stopped answering (an outage): stop with the rows in flight unfailed."""
+
+
+class StoreUnavailableError(FatalRunError):
+    """The S3 store of the run's folders stopped answering (an outage): stop with the rows in
+    flight unfailed, as for an API outage."""
 
 
 class ManifestError(BulkEngineError):

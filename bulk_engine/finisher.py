@@ -42,6 +42,7 @@ class FinisherStatistics:
 
     completed: int
     failed: int
+    withdrawn: int = 0  # tickets not sent because the run drains: no line, the rerun sends them
 
     @property
     def done(self) -> int:
@@ -59,9 +60,10 @@ class Finisher:
         self._completed = 0
         self._failed = 0
         self.dropped = 0  # rows another worker took over (--db): no line from this one
+        self._withdrawn = 0
 
     def statistics(self) -> FinisherStatistics:
-        return FinisherStatistics(self._completed, self._failed)
+        return FinisherStatistics(self._completed, self._failed, self._withdrawn)
 
     async def bad_row(self, out: Outcome) -> None:
         """A row that never reached the API (a bad manifest row, a folder that became bad)."""
@@ -85,6 +87,12 @@ class Finisher:
         self._outstanding.release()
         self.dropped += 1
         log.info("row_dropped", key=key, hint="another worker holds this row now")
+
+    def withdrawn(self) -> None:
+        """A ticket the run will not send (it drains): its slot is freed, it gets no line; its
+        journal state is left as it was, so the rerun sends it."""
+        self._outstanding.release()
+        self._withdrawn += 1
 
     async def _emit(self, out: Outcome) -> None:
         if out.status == Status.COMPLETED:

@@ -48,6 +48,7 @@ from bulk_engine.config import Settings
 from bulk_engine.errors import ConfigError, StorageError
 from bulk_engine.logs import short_token
 from bulk_engine.models import Job
+from bulk_engine.s3.url import S3Url
 from bulk_engine.vocab import RowState, Status
 
 __all__ = [
@@ -202,23 +203,26 @@ def _job_extra(job: Job) -> str:
     )
 
 
-def settings_summary(settings: Settings, source: Path | str) -> str:
+def settings_summary(settings: Settings, source: Path | S3Url | str) -> str:
     """The run-defining settings in readable form (never the API key).
 
-    ``source`` is the manifest path (or the ``--root`` folder). Only what decides *which* lines
-    the output holds is included: the API host, analyse types, use case and input. Tuning knobs
-    (concurrency, rate, poll intervals) can change between a run and its resume.
+    ``source`` is the manifest path (or the ``--root`` folder, or ``s3://`` prefix). Only what
+    decides *which* lines the output holds is included: the API host, analyse types, use case
+    and input. Tuning knobs (concurrency, rate, poll intervals) can change between a run and its
+    resume. The S3 store that ``s3://`` folders are read from is part of the identity too, bound
+    when the run first reads a bucket (``s3.access.bind_store``: journal meta ``s3_store``).
     """
     identity = {
         "host": urlsplit(settings.base_url).hostname or "",
         "analyse_type": ",".join(settings.analyse_type),
         "use_case": settings.use_case,
-        "source": str(Path(source).expanduser().resolve()),
+        "source": str(source) if isinstance(source, S3Url)
+        else str(Path(source).expanduser().resolve()),
     }
     return json.dumps(identity, sort_keys=True)  # ASCII: a non-UTF-8 path must not break it
 
 
-def settings_fingerprint(settings: Settings, source: Path | str) -> str:
+def settings_fingerprint(settings: Settings, source: Path | S3Url | str) -> str:
     """A digest of :func:`settings_summary`, for :meth:`Journal.check_settings`."""
     return hashlib.sha256(settings_summary(settings, source).encode()).hexdigest()
 
@@ -474,7 +478,7 @@ class Journal:
                     job.id,
                     job.folder,
                     # The path as the OS's bytes: a name that is not UTF-8 round-trips exactly.
-                    os.fsencode(job.path),
+                    os.fsencode(str(job.path) if isinstance(job.path, S3Url) else job.path),
                     job.line,
                     SUBMITTING,
                     job.fingerprint,

@@ -1,8 +1,9 @@
 """The producer: turns the manifest (or a walk of ``--root``) into Jobs and BadRows.
 
-    manifest.csv ─▶ iter_manifest ─┐
-                                   ├─Job/BadRow─▶ [bounded queue] ─▶ submitters
-    --root DIR   ─▶ iter_root ─────┘
+    manifest.csv ─▶ iter_manifest ──┐
+                                    ├─Job/BadRow─▶ [bounded queue] ─▶ submitters
+    --root DIR   ─▶ iter_root ──────┤
+    --root s3:// ─▶ iter_s3_root ───┘
 
 Both are plain synchronous generators that stream: the manifest is read one physical line at a
 time and never held whole, so memory stays flat for a million rows. The engine runs them in a
@@ -12,6 +13,12 @@ in a stable order, with every hazard (symlinks leading out, FIFOs, devices, unre
 oversized files) turning the whole row into a ``BadRow`` that becomes a `failed` line. A bad row
 never stops the run; only an unusable manifest (unreadable, empty, no ``folder`` column) raises
 ``ConfigError`` before the first row.
+
+A ``folder`` (or ``--root``) written ``s3://bucket/prefix/`` is a folder in a bucket: its objects
+directly under the prefix, listed through the run's ``s3.access.S3Folders`` (same order, hidden
+and size rules, same BadRow kinds; see docs/s3.md), and fingerprinted by ETag, size and
+LastModified. A malformed S3 URL is that row's ``bad_row``; ``--confine-to`` refuses bucket rows
+(``outside_root``); symlink rules do not apply.
 
 BadRow kinds: empty_folder, folder_missing, not_a_directory, folder_unreadable, folder_empty,
 symlink_outside, symlink_dangling, special_file, file_unreadable, file_too_large, ragged_row,
@@ -30,12 +37,17 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from bulk_engine import vocab
 from bulk_engine.config import ANALYSE_TYPES, Settings
 from bulk_engine.errors import ConfigError, ManifestError
-from bulk_engine.models import BadRow, FileEntry, Job, fingerprint_files, row_key
+from bulk_engine.models import BadRow, FileEntry, Job, fingerprint_folder, row_key
+from bulk_engine.s3.listing import S3Entry
+from bulk_engine.s3.url import S3Url, is_s3_url, parse_s3_url
+
+if TYPE_CHECKING:
+    from bulk_engine.s3.access import S3Folders
 
 __all__ = [
     "BAD_ROW_KINDS",
@@ -45,6 +57,7 @@ __all__ = [
     "check_manifest",
     "iter_manifest",
     "iter_root",
+    "iter_s3_root",
     "list_folder",
     "resolve_folder",
 ]
@@ -458,6 +471,7 @@ class _Producer:
         is_done: Callable[[str], bool] | None,
         stats: ProducerStats | None,
         list_folders: bool = True,
+        s3: S3Folders | None = None,
     ) -> None:
         self.defaults = defaults
         self.max_file_size = max_file_size
@@ -466,6 +480,7 @@ class _Producer:
         self.is_done = is_done
         self.stats = stats if stats is not None else ProducerStats()
         self.list_folders = list_folders
+        self.s3 = s3
 
     def claim(self, line: int, row_id: str) -> tuple[bool, bool]:
         """(duplicate, already done) for a row id; the caller skips done rows."""
@@ -486,18 +501,39 @@ class _Producer:
         line: int,
         row_id: str,
         folder: str,
-        path: Path,
+        path: Path | S3Url,
         *,
         use_case: str | None,
         analyse_type: tuple[str, ...] | None,
         payload: dict[str, Any],
     ) -> Job | BadRow:
-        try:
-            files = list_folder(
-                path, max_file_size=self.max_file_size, follow_symlinks=self.follow_symlinks
-            ) if self.list_folders else ()
-        except ManifestError as exc:
-            return self.bad(line, row_id, folder, exc.kind, exc.message)
+        files: tuple[FileEntry, ...] | tuple[S3Entry, ...] = ()
+        if self.list_folders:
+            try:
+                files = (
+                    self.bucket().list_folder(path, max_file_size=self.max_file_size)
+                    if isinstance(path, S3Url)
+                    else list_folder(path, max_file_size=self.max_file_size,
+                                     follow_symlinks=self.follow_symlinks)
+                )
+            except ManifestError as exc:
+                return self.bad(line, row_id, folder, exc.kind, exc.message)
+        return self.listed(line, row_id, folder, path, files, use_case=use_case,
+                           analyse_type=analyse_type, payload=payload)
+
+    def listed(
+        self,
+        line: int,
+        row_id: str,
+        folder: str,
+        path: Path | S3Url,
+        files: tuple[FileEntry, ...] | tuple[S3Entry, ...],
+        *,
+        use_case: str | None,
+        analyse_type: tuple[str, ...] | None,
+        payload: dict[str, Any],
+    ) -> Job:
+        """The Job of a folder whose files are known."""
         job = Job(
             line=line,
             id=row_id,
@@ -507,10 +543,16 @@ class _Producer:
             use_case=use_case,
             analyse_type=analyse_type,
             payload=payload,
-            fingerprint=fingerprint_files(files),
+            fingerprint=fingerprint_folder(files),
         )
         self.stats.count(job)
         return job
+
+    def bucket(self) -> S3Folders:
+        """The run's S3 access; a row stream that meets a bucket folder must have one."""
+        if self.s3 is None:
+            raise ConfigError("s3:// folders can only be listed through the run's S3 access")
+        return self.s3
 
 
 def _open_manifest(manifest: str) -> IO[str]:
@@ -566,6 +608,7 @@ def iter_manifest(
     is_done: Callable[[str], bool] | None = None,
     stats: ProducerStats | None = None,
     list_folders: bool = True,
+    s3: S3Folders | None = None,
 ) -> Iterator[Job | BadRow]:
     """Stream the manifest's rows as Jobs (folder listed) or BadRows, in file order.
 
@@ -581,7 +624,8 @@ def iter_manifest(
     for rows already finished, which are skipped before their folder is listed. Both callbacks
     run in the thread that iterates. ``stats`` is updated as rows go by. A row with neither id
     nor folder gets the id ``<line N>``. With ``list_folders=False`` folders are not listed
-    (Jobs have no files): the rows as the manifest states them, for a quick check.
+    (Jobs have no files): the rows as the manifest states them, for a quick check. ``s3`` lists
+    the rows whose folder is ``s3://bucket/prefix/`` (needed only when such a row is listed).
     """
     producer = _Producer(
         defaults=defaults,
@@ -591,6 +635,7 @@ def iter_manifest(
         is_done=is_done,
         stats=stats,
         list_folders=list_folders,
+        s3=s3,
     )
     st = producer.stats
     manifest = os.fspath(path)
@@ -682,14 +727,15 @@ def iter_manifest(
                 analyse_type=spec.analyse_type,
                 payload=spec.payload,
             )
-            if isinstance(item, BadRow) and item.kind == "folder_missing":
+            if (isinstance(item, BadRow) and item.kind == "folder_missing"
+                    and not isinstance(spec.path, S3Url)):
                 item = _hint_missing(item)
             yield item
 
 
 @dataclass(frozen=True, slots=True)
 class _RowSpec:
-    path: Path
+    path: Path | S3Url
     use_case: str | None
     analyse_type: tuple[str, ...] | None
     payload: dict[str, Any]
@@ -739,10 +785,13 @@ def _parse_row(
     return _RowSpec(resolve_folder(folder, base, confine), use_case, analyse_type, payload)
 
 
-def resolve_folder(folder: str, base: str, confine: str | None) -> Path:
+def resolve_folder(folder: str, base: str, confine: str | None) -> Path | S3Url:
     """A manifest's folder value as a path: relative ones against ``base``, the manifest's
-    directory. With ``confine`` (a real path), a folder that resolves outside it raises
-    ManifestError ``outside_root``. (``--db`` workers resolve each row they claim with it.)"""
+    directory; an ``s3://`` one parsed (a bad URL is the row's ``bad_row``). With ``confine``
+    (a real path), a folder that resolves outside it raises ManifestError ``outside_root``.
+    (``--db`` workers resolve each row they claim with it.)"""
+    if is_s3_url(folder.lstrip()):
+        return _bucket_folder(folder, confine)
     full = os.path.join(base, folder)
     if confine is not None:
         # Resolve symlinks and '..' first: a lexical check would let a link inside lead out.
@@ -754,6 +803,22 @@ def resolve_folder(folder: str, base: str, confine: str | None) -> Path:
                 f"outside the allowed root {confine}; use a path inside it",
             )
     return Path(full)
+
+
+def _bucket_folder(folder: str, confine: str | None) -> S3Url:
+    """A row's ``s3://`` folder, parsed; a bad URL is the row's ``bad_row``."""
+    try:
+        url = parse_s3_url(folder)
+    except ConfigError as exc:
+        raise ManifestError("bad_row", f"folder {exc}") from None
+    if confine is not None:
+        raise ManifestError(
+            "outside_root",
+            f"folder {folder!r} is in a bucket, outside the allowed root {confine}: "
+            "--confine-to only lets local folders under it through; run without it for "
+            "bucket folders",
+        )
+    return url
 
 
 def _hint_missing(item: BadRow) -> BadRow:
@@ -875,3 +940,52 @@ def iter_root(
             payload=dict(defaults.payload),
         )
     yield from rows_for_errors()
+
+
+# ───────────────────────────── --root s3://bucket/prefix/ walk ─────────────────────────────
+
+
+def iter_s3_root(
+    root: S3Url,
+    *,
+    s3: S3Folders | None,
+    defaults: RowDefaults,
+    max_file_size: int,
+    seen: Callable[[str], bool] | None = None,
+    is_done: Callable[[str], bool] | None = None,
+    stats: ProducerStats | None = None,
+) -> Iterator[Job | BadRow]:
+    """Stream every leaf prefix under ``root`` as a row, as ``iter_root`` does for a directory.
+
+    The walk (``S3Folders.iter_leaf_prefixes``) lists each leaf anyway to know it is one, so
+    each row comes with its objects and no second request. The id is the leaf's path relative
+    to ``root`` (``.`` for the root itself), ``line`` its ordinal, ``folder`` its URL; leaves
+    come in S3's key order, stable from run to run. A leaf that cannot be listed, or is empty,
+    becomes a failed row of its kind. Raises ConfigError if ``root`` holds nothing or cannot
+    be listed, StoreUnavailableError if the store stops answering.
+    """
+    producer = _Producer(
+        defaults=defaults,
+        max_file_size=max_file_size,
+        follow_symlinks=False,
+        seen=seen,
+        is_done=is_done,
+        stats=stats,
+    )
+    if s3 is None:
+        raise ConfigError(f"--root {root} can only be walked through the run's S3 access")
+    for line, leaf in enumerate(s3.iter_leaf_prefixes(root, max_file_size=max_file_size), 1):
+        folder = str(leaf.url)
+        dup, done = producer.claim(line, leaf.id)
+        if done:
+            continue
+        if dup:  # pragma: no cover - ids from a walk are unique
+            yield producer.bad(line, leaf.id, folder, "duplicate_id",
+                               f"duplicate id {leaf.id!r} (row skipped; ids must be unique)")
+        elif leaf.error is not None:
+            yield producer.bad(line, leaf.id, folder, leaf.error.kind, leaf.error.message)
+        else:
+            yield producer.listed(line, leaf.id, folder, leaf.url, leaf.entries,
+                                  use_case=defaults.use_case,
+                                  analyse_type=defaults.analyse_type,
+                                  payload=dict(defaults.payload))

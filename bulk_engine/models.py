@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bulk_engine.s3.listing import S3Entry
+from bulk_engine.s3.listing import fingerprint as s3_fingerprint
+from bulk_engine.s3.url import S3Url
 from bulk_engine.vocab import Status
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "Submitted",
     "Ticket",
     "fingerprint_files",
+    "fingerprint_folder",
     "iso",
     "row_key",
 ]
@@ -46,6 +50,14 @@ def fingerprint_files(files: tuple[FileEntry, ...] | list[FileEntry]) -> str:
     return h.hexdigest()[:32]
 
 
+def fingerprint_folder(files: tuple[FileEntry, ...] | tuple[S3Entry, ...]) -> str:
+    """The folder's fingerprint: :func:`fingerprint_files` on disk, ``s3.fingerprint`` (names,
+    sizes, ETags, LastModified) in a bucket. Both change when the folder does."""
+    if files and isinstance(files[0], S3Entry):
+        return s3_fingerprint(f for f in files if isinstance(f, S3Entry))
+    return fingerprint_files([f for f in files if isinstance(f, FileEntry)])
+
+
 def row_key(row_id: str, line: int, *, duplicate: bool = False) -> str:
     """The journal key of a manifest row. A duplicate id is keyed by its line as well."""
     return f"{row_id}\x00dup@{line}" if duplicate else row_id
@@ -58,16 +70,21 @@ class Job:
     line: int  # 1-based line of the manifest (header is line 1); ordinal for --root
     id: str
     folder: str  # as written in the manifest
-    path: Path  # resolved folder
-    files: tuple[FileEntry, ...]
+    path: Path | S3Url  # resolved folder, or the prefix of a folder in a bucket
+    files: tuple[FileEntry, ...] | tuple[S3Entry, ...]  # S3Entry exactly when path is an S3Url
     use_case: str | None = None
     analyse_type: tuple[str, ...] | None = None
     payload: dict[str, Any] = field(default_factory=dict)
-    fingerprint: str = ""
+    fingerprint: str = ""  # fingerprint_files, or s3.fingerprint (ETags) for a bucket
 
     @property
     def key(self) -> str:
         return row_key(self.id, self.line)
+
+    @property
+    def in_bucket(self) -> bool:
+        """True for a folder in an S3 bucket (``path`` is an ``S3Url``)."""
+        return isinstance(self.path, S3Url)
 
     @property
     def total_bytes(self) -> int:
@@ -123,6 +140,7 @@ class Submitted:
     resumed: bool = False
     possible_duplicate: bool = False  # sent again after a crash mid-POST: carried to its line
     analyse_type: tuple[str, ...] = ()  # what the submission asked for: the result must match
+    stuck: bool = False  # reported as a stuck analysis (stuck.StuckWatch): once per token
 
 
 @dataclass(slots=True)
@@ -144,7 +162,7 @@ class Outcome:
     files: int = 0
     total_bytes: int = 0
     possible_duplicate: bool = False
-    path: str | None = None  # the folder as resolved on disk (absolute), when it was
+    path: str | None = None  # the folder as resolved (absolute, or s3://...), when it was
     _json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:

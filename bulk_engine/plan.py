@@ -4,8 +4,11 @@ Runs the producer exactly as a real run would (the same ``rules.row_stream``, th
 ``BadRow`` kinds, the same ``rules.goes_sync``), against the journal read-only when one exists:
 the journal's settings check is applied as the run applies it (a journal of another run is
 refused with the run's message), "already done" is what a rerun would skip and rows whose
-retrieve token is still live are counted as polls, not uploads. No network, no API key, no
+retrieve token is still live are counted as polls, not uploads. No API call, no API key, no
 writes (the duplicate-id check of a new output uses a throw-away SQLite file, not memory).
+Folders in buckets are listed as the run lists them (LIST requests only, never an object's
+body), against the store the journal was bound to if there is one; the plan counts the
+requests.
 
 Exit code: 0 every row can be submitted; 2 some rows would fail (listed); 1 the manifest, the
 settings or the journal are unusable.
@@ -36,6 +39,7 @@ from bulk_engine.models import BadRow
 from bulk_engine.progress import fmt_bytes, fmt_duration
 from bulk_engine.rules import goes_sync, row_stream, scratch_seen
 from bulk_engine.runner import print_error
+from bulk_engine.s3.access import STORE_META_KEY, blocking_s3, check_store
 from bulk_engine.vocab import ExitCode, RowState
 
 __all__ = ["MAX_EXAMPLES", "Plan", "dry_run", "estimate", "make_plan", "render_plan"]
@@ -60,6 +64,7 @@ class Plan:
     sync_rows: int = 0  # mode=auto: rows small enough to go sync
     journal: str | None = None  # "none", "read", or why it could not be read
     estimate: dict[str, Any] = field(default_factory=dict)
+    s3: dict[str, int] = field(default_factory=dict)  # S3 requests made, when a bucket was read
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +74,7 @@ class Plan:
             "rejected_by_kind": dict(self.rejected_by_kind.most_common()), "files": self.files,
             "bytes": self.bytes, "largest_folder_bytes": self.largest_folder_bytes,
             "sync_rows": self.sync_rows, "journal": self.journal, **self.estimate,
+            **{f"s3_{k}": v for k, v in self.s3.items()},
         }
 
 
@@ -107,7 +113,9 @@ def make_plan(settings: Settings, manifest: Path | None) -> Plan:
             seen, is_done, state = reader.seen, reader.is_done, reader.state
         else:
             seen, is_done = stack.enter_context(scratch_seen()), None
-        for item in row_stream(s, manifest, seen=seen, is_done=is_done, stats=stats):
+        s3, access = stack.enter_context(
+            blocking_s3(s, on_open=check_store(_recorded_store(s) if reader else None)))
+        for item in row_stream(s, manifest, seen=seen, is_done=is_done, stats=stats, s3=s3):
             if isinstance(item, BadRow):
                 plan.rejected_by_kind[item.kind] += 1
                 if len(plan.examples) < MAX_EXAMPLES:
@@ -124,6 +132,10 @@ def make_plan(settings: Settings, manifest: Path | None) -> Plan:
             plan.largest_folder_bytes = max(plan.largest_folder_bytes, item.total_bytes)
             if goes_sync(s, item):
                 plan.sync_rows += 1
+        s3_stats = access.statistics()
+        if s3_stats is not None:
+            plan.s3 = {"list_calls": s3_stats.list_calls, "get_calls": s3_stats.get_calls,
+                       "retries": s3_stats.retries}
     plan.rows_read = stats.rows_read
     plan.rows_already_done = stats.rows_skipped_done
     plan.rows_rejected = sum(plan.rejected_by_kind.values())
@@ -161,6 +173,18 @@ def _open_journal(s: Settings, manifest: Path | None, plan: Plan) -> JournalRead
         raise
     plan.journal = "read"
     return reader
+
+
+def _recorded_store(s: Settings) -> str | None:
+    """The S3 store the journal was bound to (``s3.access.bind_store``), read-only."""
+    conn = sqlite3.connect(f"file:{s.journal_path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (STORE_META_KEY,)).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return str(row[0]) if row else None
 
 
 def _check_settings(s: Settings, manifest: Path | None) -> None:
@@ -224,6 +248,10 @@ def render_plan(plan: Plan, s: Settings, console: Console) -> None:
     t.add_row("bytes", f"{fmt_bytes(plan.bytes)} (largest folder "
                        f"{fmt_bytes(plan.largest_folder_bytes)})")
     e = plan.estimate
+    if plan.s3:
+        t.add_row("S3 requests", f"{plan.s3['list_calls']} LIST (listing only: no object "
+                                 "was read)" if not plan.s3["get_calls"] else
+                  f"{plan.s3['list_calls']} LIST, {plan.s3['get_calls']} GET")
     t.add_row("API calls", f"≈ {e['api_calls']} at {s.rate_limit:g} calls/s")
     t.add_row("estimated duration", f"≥ {fmt_duration(e['estimated_seconds'])} "
                                     f"(bound by {e['bound_by'].replace('_', '-')})")

@@ -97,6 +97,16 @@ class MassFailureWindow:
         self.max_rate = max_rate
         self._recent: deque[bool] = deque(maxlen=size)
 
+    @property
+    def size(self) -> int:
+        return self._recent.maxlen or 0
+
+    def retune(self, size: int, max_rate: float) -> None:
+        """New window size and rate, live (``Engine.apply_settings``); the most recent rows
+        are kept. Checked at the next row."""
+        self._recent = deque(self._recent, maxlen=size)
+        self.max_rate = max_rate
+
     def add(self, error_kind: str | None) -> None:
         """Account one finished API row (``error_kind`` None when it completed); raises
         MassFailureError when the window is full and over the rate."""

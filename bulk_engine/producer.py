@@ -18,6 +18,11 @@ On resume, each journaled live token is checked against the manifest as it is no
 (``policy.resume_action``): polled when its row is the same request, resubmitted under a new key
 when the row's folder, options or files changed, failed when the row became bad, dropped (no
 line) when the row left the manifest. The manifest is the authority for which rows exist.
+
+Folders in buckets (``s3://``) are listed the same way, through the run's ``S3Access`` (its
+calls run on the event loop; ``s3.access.S3Folders``), and re-listed on resume: a folder whose
+objects were overwritten has another fingerprint (ETags), so its token is not polled but the
+folder is resubmitted under a new key.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -43,9 +47,20 @@ from bulk_engine.finisher import Finisher
 from bulk_engine.journal import Journal, JournalReader, RowRecord
 from bulk_engine.logs import get_logger
 from bulk_engine.manifest import ProducerStats, list_folder
-from bulk_engine.models import BadRow, ErrorInfo, Job, Outcome, Submitted, Ticket, fingerprint_files
+from bulk_engine.models import (
+    BadRow,
+    ErrorInfo,
+    Job,
+    Outcome,
+    Submitted,
+    Ticket,
+    fingerprint_files,
+    fingerprint_folder,
+)
 from bulk_engine.policy import ResumeAction, resume_action
 from bulk_engine.rules import row_stream
+from bulk_engine.s3.access import S3Access
+from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollScheduler
 from bulk_engine.submitter import Submitter, sent_types
 from bulk_engine.vocab import RowState, Status
@@ -56,7 +71,10 @@ log = get_logger()
 
 # New folders wait while the earliest due poll is this late (results expire in 60 minutes).
 MAX_POLL_LATENESS_S = 60.0
-_BATCH = 64  # rows per worker-thread hop
+_BATCH = 64  # rows per worker-thread hop, at most
+# ...and a hop ends after this long: rows whose folders take a request each to list (buckets)
+# reach the submitters while the listing goes on, and an interrupt is not held up by a batch.
+_BATCH_S = 0.05
 
 
 class SlotAcquirer(Protocol):
@@ -80,8 +98,10 @@ class Producer:
 
     def __init__(self, settings: Settings, manifest: Path | None, *, journal: Journal,
                  backend: JournalBackend, finisher: Finisher, scheduler: PollScheduler,
-                 submitter: Submitter, outstanding: SlotAcquirer, clock: Clock) -> None:
+                 submitter: Submitter, outstanding: SlotAcquirer, clock: Clock,
+                 s3: S3Access | None = None) -> None:
         self.settings = settings
+        self._s3 = s3
         self.manifest = manifest
         self._journal = journal
         self._backend = backend
@@ -121,6 +141,8 @@ class Producer:
             async with send:
                 while batch := await anyio.to_thread.run_sync(_take, rows, _BATCH):
                     for item in batch:
+                        if self._submitter.gate.draining:
+                            return  # a drain: no new row (the rerun takes them)
                         await self._route(item, send)
         finally:
             reader.close()
@@ -128,7 +150,8 @@ class Producer:
     def _rows(self, reader: JournalReader, *, is_done: Callable[[str], bool],
               stats: ProducerStats, list_folders: bool = True) -> Iterator[Job | BadRow]:
         return row_stream(self.settings, self.manifest, seen=reader.seen, is_done=is_done,
-                          stats=stats, list_folders=list_folders)
+                          stats=stats, list_folders=list_folders,
+                          s3=self._s3.blocking() if self._s3 is not None else None)
 
     async def _route(self, item: Job | BadRow, send: MemoryObjectSendStream[Ticket]) -> None:
         """Send a job to the submitters, or a bad row straight to the sink."""
@@ -237,15 +260,27 @@ class Producer:
         return found
 
     def _listed(self, job: Job) -> Job:
-        """``job`` with its folder listed now (raises ManifestError)."""
+        """``job`` with its folder listed now (raises ManifestError); in a worker thread."""
         s = self.settings
+        if isinstance(job.path, S3Url):
+            if self._s3 is None:
+                raise ManifestError("folder_unreadable", f"{job.path}: no S3 access in this run")
+            entries = self._s3.blocking().list_folder(job.path, max_file_size=s.max_file_size)
+            return dataclasses.replace(job, files=entries, fingerprint=fingerprint_folder(entries))
         files = list_folder(job.path, max_file_size=s.max_file_size,
                             follow_symlinks=s.follow_symlinks)
         return dataclasses.replace(job, files=files, fingerprint=fingerprint_files(files))
 
 
 def _take(rows: Iterator[Job | BadRow], n: int) -> list[Job | BadRow]:
-    return list(islice(rows, n))
+    """Up to ``n`` rows, fewer when listing them takes longer than ``_BATCH_S``."""
+    out: list[Job | BadRow] = []
+    end = time.monotonic() + _BATCH_S
+    for item in rows:
+        out.append(item)
+        if len(out) >= n or time.monotonic() >= end:
+            break
+    return out
 
 
 def _legacy_identity(rec: RowRecord, job: Job | None, identity: str | None) -> str | None:

@@ -5,8 +5,10 @@ the pipeline. The ETA comes from a recent window of completions (the last 60 s),
 whole-run average, so it follows the current pace after a slow start or a throttled hour.
 
 The total number of rows (for the bar and the ETA) is counted in a worker thread, a chunk at a
-time, while the run goes: a manifest's records, or the leaf folders under ``--root``. Until it is
-known the ETA shows ``—``.
+time, while the run goes: a manifest's records, or the leaf folders under ``--root``. Under
+``--root s3://`` it is counted from the bucket's flat listing (``BucketRowCounter``: LIST
+requests only, about one per 1000 objects, never an object's body). Until it is known the ETA
+shows ``—``.
 
 The figures are computed by ``ProgressModel.snapshot``, pure code fed with a time and the
 counters, so tests check them without an engine or a clock.
@@ -23,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from rich.console import Console
@@ -34,12 +36,17 @@ from rich.table import Table
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.errors import BulkEngineError
 from bulk_engine.logs import get_logger
+from bulk_engine.s3.url import S3Url
 from bulk_engine.stats import LiveCounters, WorkerShare
+
+if TYPE_CHECKING:
+    from bulk_engine.config import Settings
 
 __all__ = [
     "CALL_WINDOW_S",
     "ETA_WINDOW_S",
     "MIN_SPAN_S",
+    "BucketRowCounter",
     "ProgressModel",
     "RateWindow",
     "RowCounter",
@@ -175,6 +182,7 @@ class ProgressModel:
             "throttled_429": stats.throttled if stats else 0,
             "retries": stats.retries if stats else 0,
             "bytes_uploaded": c.bytes_uploaded,
+            "stuck": c.stuck,
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(eta) if eta is not None else None,
             "api": api,
@@ -209,7 +217,7 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
         "done": f"{done}/{total}" if total is not None else done,
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
-                                "throttled_429", "retries", "bytes_uploaded", "elapsed_s",
+                                "throttled_429", "retries", "bytes_uploaded", "stuck", "elapsed_s",
                                 "eta_s", "api")},
         "eta": fmt_duration(snap["eta_s"]),
     }
@@ -245,6 +253,9 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
         t.add_row("resumed", f"{snap['resumed']} submitted by the last run, polled again")
     t.add_row("submitted", str(snap["submitted"]))
     t.add_row("processing", f"{snap['processing']} awaiting their result")
+    if snap.get("stuck"):
+        t.add_row("stuck", f"[yellow]{snap['stuck']} running far past the usual time "
+                           "(stuck_analysis in the log); still polled[/]")
     t.add_row("done", f"[green]{snap['completed']} completed[/]  "
                       f"[{'red' if snap['failed'] else 'dim'}]{snap['failed']} failed[/]")
     pace = snap["rows_per_min"]
@@ -273,7 +284,7 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
 # ---- row counting ---------------------------------------------------------------------------
 
 
-def _rows_of(manifest: Path | None, root: Path | None) -> Iterator[bool]:
+def _rows_of(manifest: Path | None, root: Path | S3Url | None) -> Iterator[bool]:
     """Yield once per row of the source, by the producer's own rules (``rules.row_stream``),
     folders not listed: a manifest's records, or the leaf folders under ``root``."""
     from bulk_engine.config import Settings
@@ -296,10 +307,21 @@ class RowCounter:
         self.failed = False
 
     @classmethod
-    def for_source(cls, manifest: Path | None, root: Path | None) -> RowCounter | None:
+    def for_source(cls, manifest: Path | None, root: Path | S3Url | None,
+                   settings: Settings | None = None) -> RowCounter | BucketRowCounter | None:
+        """The counter of a run's rows (``settings``: the S3 endpoint and retries of a
+        ``--root s3://`` run)."""
+        if manifest is None and isinstance(root, S3Url):
+            return BucketRowCounter(root, settings)
         if manifest is None and root is None:
             return None
         return cls(_rows_of(manifest, root))
+
+    async def count_all(self) -> int | None:
+        """Count to the end, a chunk at a time in a worker thread; the total or None."""
+        while not await anyio.to_thread.run_sync(self.step):
+            pass
+        return self.total
 
     def step(self, budget: int = 20_000) -> bool:
         """Advance by up to ``budget`` items; True once the count is final (or failed)."""
@@ -313,6 +335,38 @@ class RowCounter:
             # The engine reports a broken manifest itself; the panel just shows no total.
             self.done = self.failed = True
         return self.done
+
+    @property
+    def total(self) -> int | None:
+        return self.count if self.done and not self.failed else None
+
+
+class BucketRowCounter:
+    """Counts the rows of ``--root s3://...`` from the flat listing, with its own S3 client.
+
+    Any failure (credentials, an outage, an empty root) gives no total: the run reports the
+    error itself.
+    """
+
+    def __init__(self, root: S3Url, settings: Settings | None = None) -> None:
+        self.root = root
+        self._settings = settings
+        self.count = 0
+        self.done = False
+        self.failed = False
+
+    async def count_all(self) -> int | None:
+        """The number of leaf prefixes under the root, or None when it cannot be listed."""
+        from bulk_engine.config import Settings
+        from bulk_engine.s3.access import S3Access
+
+        try:
+            async with S3Access.for_settings(self._settings or Settings()) as s3:
+                self.count = await s3.count_leaves(self.root)
+        except BulkEngineError:
+            self.failed = True
+        self.done = True
+        return self.total
 
     @property
     def total(self) -> int | None:
@@ -345,7 +399,7 @@ async def show_progress(
     console: Console | None = None,
     clock: Clock | None = None,
     rate_limit: float | None = None,
-    counter: RowCounter | None = None,
+    counter: RowCounter | BucketRowCounter | None = None,
 ) -> None:
     """Run until cancelled: a rich Live panel when ``live``, else a ``status`` log line.
 
@@ -387,7 +441,5 @@ async def show_progress(
                 log.info("status", **status_fields(snap()))
 
 
-async def _count_rows(counter: RowCounter, model: ProgressModel) -> None:
-    while not await anyio.to_thread.run_sync(counter.step):
-        pass
-    model.total_rows = counter.total
+async def _count_rows(counter: RowCounter | BucketRowCounter, model: ProgressModel) -> None:
+    model.total_rows = await counter.count_all()

@@ -29,6 +29,18 @@ Adaptive rate (AIMD), on unless ``adaptive=False``:
 - ``on_success()``: additive increase towards the configured ``rate``, by 5 % of it per second of
   clock time since the last decrease or success (not per call, so the recovery speed does not
   depend on the call rate), never above ``rate``.
+
+Auto rate (``RateLimiter.auto``): a ``tuning.RateController`` replaces the AIMD above and sets
+``current_rate`` on every success and 429 (slow start, then just under the limit it learned,
+probing upwards now and then); a numeric rate given as ``ceiling`` stays a hard ceiling. The
+``Retry-After`` pause works as for a numeric rate.
+
+Quiet spells: ``idle_tokens`` (default: ``burst``) bounds what a spell without waiters saves up,
+so that when submissions resume after a pause (a full outstanding window, a ``Retry-After``)
+calls go out at the steady rate, not as a burst the server's own bucket may refuse. While
+callers wait, the bucket still holds up to ``burst`` tokens, to catch up after event-loop lag.
+
+``statistics()`` returns a frozen ``RateLimiterStatistics``.
 """
 
 from __future__ import annotations
@@ -37,9 +49,11 @@ import asyncio
 import heapq
 import itertools
 import math
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from bulk_engine.clock import Clock
+from bulk_engine.tuning import RateController
 
 PRIORITY_POLL = 0
 PRIORITY_SUBMIT = 1
@@ -64,6 +78,22 @@ class _Waiter:
             self.wake.set_result(None)
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimiterStatistics:
+    """A snapshot of a ``RateLimiter``."""
+
+    mode: str  # "fixed" (a numeric rate, with its AIMD) or "auto"
+    rate: float  # calls/s allowed now
+    ceiling: float | None  # the configured rate (None: auto without a ceiling)
+    phase: str | None  # auto: the RateController's phase (starting, settled, probing)
+    limit_estimate: float | None  # auto: calls/s the server accepted at the last 429
+    granted: int  # calls let through
+    throttled: int  # 429s reported (on_throttled)
+    rate_decreases: int  # of those, the ones that lowered the rate
+    paused_seconds: float  # length of the union of all Retry-After pauses
+    waiting: int  # callers queued now
+
+
 class RateLimiter:
     """A token bucket with explicit burst, priorities, a global pause and AIMD adaptation.
 
@@ -85,21 +115,31 @@ class RateLimiter:
         adaptive: bool = True,
         min_rate: float | None = None,
         initial_tokens: float | None = None,
+        idle_tokens: float | None = None,
+        controller: RateController | None = None,
     ) -> None:
-        if not (math.isfinite(rate) and rate > 0):
+        if not (rate > 0 and (math.isfinite(rate) or controller is not None)):
             raise ValueError(f"rate must be a positive number of calls per second, got {rate}")
         if burst < 1:
             raise ValueError(f"burst must be at least 1, got {burst}")
-        floor = rate / 20 if min_rate is None else min_rate
+        if controller is not None:
+            floor = controller.floor if min_rate is None else min_rate
+        else:
+            floor = rate / 20 if min_rate is None else min_rate
         if not 0 < floor <= rate:
             raise ValueError(f"need 0 < min_rate <= rate, got {floor} and {rate}")
+        if idle_tokens is not None and not 1.0 <= idle_tokens <= burst:
+            raise ValueError(f"idle_tokens must be between 1 and burst, got {idle_tokens}")
         self.rate = float(rate)
         self.burst = int(burst)
+        # None: a quiet spell saves up the whole burst (the classic bucket).
+        self.idle_tokens = float(self.burst) if idle_tokens is None else float(idle_tokens)
         self.min_rate = float(floor)
         self.adaptive = adaptive
         self._clock = clock
+        self.controller = controller
         start = clock.now()
-        self._current = self.rate
+        self._current = self.rate if controller is None else min(self.rate, controller.rate)
         # None: start with a full bucket. The engine starts with one token: the server's bucket
         # may be drained already (another run of the key), and a start-up burst that meets the
         # server's own burst leaves no room for network jitter (a 429, then AIMD halves the rate).
@@ -137,6 +177,52 @@ class RateLimiter:
         """Clock time until which every caller is held (``-inf`` if never paused)."""
         return self._pause_until
 
+    @classmethod
+    def auto(
+        cls,
+        burst: int,
+        *,
+        clock: Clock,
+        ceiling: float | None = None,
+        initial_tokens: float | None = 1.0,
+        idle_tokens: float | None = None,
+        controller: RateController | None = None,
+        **controller_options: Any,
+    ) -> RateLimiter:
+        """A limiter whose rate a ``RateController`` finds (``--rate-limit auto``).
+
+        ``ceiling``: a numeric rate that stays a hard ceiling (None: none). ``controller``: one
+        warm-started from a snapshot (``TuningSnapshot.rate_controller(ceiling=...)``); else a
+        new one built with ``controller_options``. ``idle_tokens`` defaults to ``min(burst, 2)``:
+        after a pause, calls resume at the learned rate rather than as a burst.
+        """
+        if controller is None:
+            controller = RateController(ceiling=ceiling, **controller_options)
+        elif controller_options:
+            raise TypeError("give either a controller or options for a new one, not both")
+        return cls(
+            math.inf if ceiling is None else ceiling, burst, clock=clock,
+            initial_tokens=initial_tokens,
+            idle_tokens=min(float(burst), 2.0) if idle_tokens is None else idle_tokens,
+            controller=controller,
+        )
+
+    def statistics(self) -> RateLimiterStatistics:
+        """The limiter's state and counters (``stats()`` is the older dict form)."""
+        c = self.controller
+        return RateLimiterStatistics(
+            mode="fixed" if c is None else "auto",
+            rate=self._current,
+            ceiling=self.rate if math.isfinite(self.rate) else None,
+            phase=None if c is None else str(c.phase),
+            limit_estimate=None if c is None else c.limit_estimate,
+            granted=self.granted,
+            throttled=self.throttled_events,
+            rate_decreases=self.rate_decreases,
+            paused_seconds=self.paused_seconds_total,
+            waiting=self._live,
+        )
+
     def stats(self) -> dict[str, float | int]:
         """Counters for the run summary and the benchmarks."""
         return {
@@ -158,7 +244,10 @@ class RateLimiter:
             self._tokens = min(1.0, self._tokens + (until - self._last) * self._current)
             self._last = until
         if now > self._last:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self._current)
+            tokens = min(float(self.burst), self._tokens + (now - self._last) * self._current)
+            if self._live == 0:  # nobody waited: a quiet spell saves up idle_tokens at most
+                tokens = min(tokens, max(self._tokens, self.idle_tokens))
+            self._tokens = tokens
             self._last = now
 
     def _delay(self, now: float) -> float:
@@ -198,6 +287,14 @@ class RateLimiter:
     def on_throttled(self) -> None:
         """A 429 was seen: halve the rate (once per ``DECREASE_WINDOW``), not below ``min_rate``."""
         self.throttled_events += 1
+        if self.controller is not None:
+            now = self._clock.now()
+            rate = min(self.rate, self.controller.on_throttled(now))
+            if rate < self._current:
+                self._set_rate(now, rate)
+                self._tokens = min(self._tokens, 1.0)
+                self.rate_decreases += 1
+            return
         if not self.adaptive:
             return
         now = self._clock.now()
@@ -211,6 +308,12 @@ class RateLimiter:
 
     def on_success(self) -> None:
         """A call went through: recover towards ``rate`` in proportion to the clean time elapsed."""
+        if self.controller is not None:
+            now = self._clock.now()
+            rate = min(self.rate, self.controller.on_success(now))
+            if rate != self._current:
+                self._set_rate(now, rate)
+            return
         if not self.adaptive:
             return
         now = self._clock.now()

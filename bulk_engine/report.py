@@ -32,6 +32,7 @@ from bulk_engine.errors import ConfigError
 from bulk_engine.models import row_key
 from bulk_engine.progress import fmt_bytes
 from bulk_engine.rules import scratch_seen
+from bulk_engine.s3.url import is_s3_url
 from bulk_engine.stats import BIN_S, Summary
 from bulk_engine.vocab import BAD_COLUMN_KINDS, NOT_RERUNNABLE_KINDS, Status
 
@@ -109,7 +110,7 @@ def render_summary(
         t.add_row("folder bytes", f"{fmt_bytes(int(summary['bytes']))} in "
                                   f"{summary.get('files', 0)} files")
     for key in ("rows_skipped_done", "rows_resumed", "rows_redone", "rows_dropped",
-                "rows_rejected", "resubmits",
+                "rows_rejected", "resubmits", "rows_withdrawn", "stuck_analyses",
                 "resubmitted_rows", "ambiguous_submits", "torn_lines"):
         if summary.get(key):
             t.add_row(key.replace("_", " "), str(summary[key]))
@@ -117,6 +118,12 @@ def render_summary(
         t.add_row("duplicate lines", f"[yellow]{summary['duplicate_lines']} line(s) repeat a row "
                                      "already in the file (two runs appended to one output?); "
                                      "the counts above include them[/]")
+    if summary.get("s3_list_calls") is not None:  # a live run that read folders in buckets
+        t.add_row("S3 requests", f"{summary['s3_list_calls']} LIST, "
+                                 f"{summary.get('s3_get_calls', 0)} GET "
+                                 f"({fmt_bytes(int(summary.get('s3_bytes_read', 0)))} read), "
+                                 f"{summary.get('s3_retries', 0)} retries, "
+                                 f"{summary.get('s3_changed_objects', 0)} changed objects")
     if summary.get("final_rate_limit") is not None and summary.get("throttled_429"):
         t.add_row("final rate limit", f"{summary['final_rate_limit']:g} calls/s")
     console.print(t)
@@ -269,7 +276,7 @@ def write_failed_manifest(
         _copy_failed_rows(manifest, dest, {r.id: r for r in rows}, res)
         return res
     base = os.path.abspath(base_dir) if base_dir is not None else None
-    unresolved = [r for r in rows if r.path is None and not os.path.isabs(r.folder)]
+    unresolved = [r for r in rows if r.path is None and not _absolute(r.folder)]
     if unresolved and base is None:
         raise ConfigError(
             f"{len(unresolved)} failed row(s) have a relative folder (e.g. "
@@ -284,11 +291,16 @@ def write_failed_manifest(
             if r.path is not None:
                 folder = r.path
             else:
-                assert base is not None or os.path.isabs(r.folder)
-                folder = os.path.join(base or "", r.folder)
+                assert base is not None or _absolute(r.folder)
+                folder = r.folder if _absolute(r.folder) else os.path.join(base or "", r.folder)
             w.writerow([r.id, folder])
             res.written += 1
     return res
+
+
+def _absolute(folder: str) -> bool:
+    """An absolute path, or a folder in a bucket (``s3://...``, never joined to a directory)."""
+    return os.path.isabs(folder) or is_s3_url(folder.lstrip())
 
 
 def _open_csv(path: Path) -> Any:
@@ -325,7 +337,8 @@ def _copy_failed_rows(src: Path, dest: Path, wanted: dict[str, FailedRow],
                 if row_id in remaining:
                     del remaining[row_id]
                     row = list(row)
-                    row[i_folder] = os.path.join(base, folder)
+                    if not _absolute(folder):
+                        row[i_folder] = os.path.join(base, folder)
                     w.writerow(row)
                     res.written += 1
         except csv.Error as exc:

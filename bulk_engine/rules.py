@@ -15,11 +15,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bulk_engine.config import Settings
 from bulk_engine.journal import JournalReader
-from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root
+from bulk_engine.manifest import ProducerStats, RowDefaults, iter_manifest, iter_root, iter_s3_root
 from bulk_engine.models import BadRow, Job
+from bulk_engine.s3.url import S3Url
+
+if TYPE_CHECKING:
+    from bulk_engine.s3.access import S3Folders
 
 __all__ = ["goes_sync", "row_stream", "scratch_seen"]
 
@@ -44,24 +49,30 @@ def row_stream(
     is_done: Callable[[str], bool] | None,
     stats: ProducerStats,
     list_folders: bool = True,
+    s3: S3Folders | None = None,
 ) -> Iterator[Job | BadRow]:
     """The run's rows: the manifest's, or every leaf folder under ``--root`` without one.
 
     Done rows are skipped (and counted in ``stats``) before their folder is listed; ``seen``
     flags duplicate ids. Raises ConfigError on the first ``next()`` if the source is unusable.
-    With ``list_folders=False`` the rows come as the manifest states them (Jobs without files).
+    With ``list_folders=False`` the rows come as the manifest states them (Jobs without files;
+    a ``--root s3://`` walk lists anyway: that is how it finds its rows). ``s3`` lists the
+    folders in buckets (``s3://`` rows, ``--root s3://``).
     """
     s = settings
     defaults = RowDefaults.from_settings(s)
     if manifest is None:
         if s.root is None:
             raise ValueError("row_stream needs a manifest or settings.root")
+        if isinstance(s.root, S3Url):
+            return iter_s3_root(s.root, s3=s3, defaults=defaults, max_file_size=s.max_file_size,
+                                seen=seen, is_done=is_done, stats=stats)
         return iter_root(s.root, defaults=defaults, max_file_size=s.max_file_size,
                          follow_symlinks=s.follow_symlinks, seen=seen, is_done=is_done,
                          stats=stats, list_folders=list_folders)
     return iter_manifest(manifest, defaults=defaults, max_file_size=s.max_file_size,
                          follow_symlinks=s.follow_symlinks, confine_to=s.confine_to, seen=seen,
-                         is_done=is_done, stats=stats, list_folders=list_folders)
+                         is_done=is_done, stats=stats, list_folders=list_folders, s3=s3)
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bulk_engine.config import Settings
+from bulk_engine.control import ConfigReloader, install_signal_handlers
 from bulk_engine.errors import BulkEngineError, ConfigError, first_error
 from bulk_engine.logs import get_logger, redact
 from bulk_engine.vocab import ExitCode
@@ -79,12 +80,16 @@ async def run_engine(
     *,
     total_rows: int | None = None,
     summary: bool = True,
+    reloader: ConfigReloader | None = None,
 ) -> ExitCode:
     """Run the engine with progress and signal handling; print the summary; return the exit code.
 
     ``total_rows`` (when known) spares the background count of the manifest's rows for the
     panel; ``summary=False`` prints no summary table (bench runs many engines in a row).
     Must run in the main thread's event loop (it installs SIGINT/SIGTERM handlers).
+    Long runs (README "Long runs: metrics and control"): SIGUSR1 drains, SIGHUP reloads the
+    tunables through ``reloader``; ``settings.metrics_port`` starts the admin server
+    (``/metrics``, ``/control/*``) in the run's task group.
     """
     import anyio
 
@@ -124,15 +129,24 @@ async def run_engine(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    install_signal_handlers(loop, engine, reloader)  # SIGUSR1 drains, SIGHUP reloads
     live = settings.progress and console.is_terminal
+    counter = (RowCounter.for_source(manifest, settings.root, settings)
+               if total_rows is None else None)
     progress = partial(
         show_progress, engine, live=live, total_rows=total_rows, console=console,
         interval=None if live else settings.status_interval, rate_limit=settings.rate_limit,
-        counter=RowCounter.for_source(manifest, settings.root) if total_rows is None else None,
+        counter=counter,
     )
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(progress)
+            if settings.metrics_port is not None:
+                from bulk_engine.admin import serve_admin
+
+                await tg.start(partial(
+                    serve_admin, engine, host=settings.metrics_host, port=settings.metrics_port,
+                    rows_total=lambda: total_rows if counter is None else counter.total))
             try:
                 result = await engine.run()
             finally:
@@ -168,6 +182,10 @@ async def run_engine(
     if result.error is not None:
         print_error(console, str(result.error))
         return _exit_code(getattr(result.error, "exit_code", ExitCode.FATAL))
+    if engine.gate.draining and not result.interrupted:
+        console.print(f"drained: every accepted folder was retrieved; "
+                      f"{summary_json.get('rows_withdrawn', 0)} withdrawn and the rows not read "
+                      "yet are left: rerun the same command to go on", highlight=False)
     if result.interrupted:
         console.print("interrupted: state saved; rerun the same command to resume")
         return (ExitCode.TERMINATED if signals_seen and signals_seen[0] == signal.SIGTERM

@@ -51,13 +51,14 @@ import math
 import random
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import accumulate, count
 
 from bulk_engine.clock import Clock
 from bulk_engine.models import Submitted
 
-__all__ = ["PollDecision", "PollPolicy", "PollScheduler", "interval_npmle"]
+__all__ = ["PendingHook", "PollCallback", "PollDecision", "PollPolicy", "PollScheduler",
+           "interval_npmle"]
 
 # Items due within this of now are polled now: float sums must not cause 1e-17 s re-sleeps.
 _DUE_SLACK = 1e-9
@@ -262,6 +263,8 @@ def _clamp(x: float, low: float, high: float) -> float:
 
 
 PollCallback = Callable[[Submitted], Awaitable[PollDecision]]
+# Told of each 202 with the seconds since the folder's submission (stuck.StuckWatch.check).
+PendingHook = Callable[[Submitted, float], object]
 
 
 class PollScheduler:
@@ -284,6 +287,7 @@ class PollScheduler:
         *,
         clock: Clock,
         max_concurrent_polls: int = 64,
+        on_pending: PendingHook | None = None,
     ) -> None:
         if max_concurrent_polls < 1:
             raise ValueError(f"max_concurrent_polls must be at least 1, got {max_concurrent_polls}")
@@ -301,6 +305,8 @@ class PollScheduler:
         self._finished = False
         self._alarm: asyncio.Task[None] | None = None
         self._alarm_at = math.inf
+        self._on_pending = on_pending
+        self._polling: dict[int, Submitted] = {}  # polls in flight, by id()
         self.polls_total = 0
         self.done_total = 0
         self.dropped_total = 0
@@ -349,6 +355,11 @@ class PollScheduler:
         """The resubmission announced by ``hold()`` is over (added back, or finished)."""
         self._holds -= 1
         self._wake.set()
+
+    def outstanding(self) -> Iterator[Submitted]:
+        """Every folder held now: waiting in the heap or being polled (for the metrics)."""
+        yield from (entry[2] for entry in self._heap)
+        yield from self._polling.values()
 
     def lateness(self) -> float:
         """How far behind schedule the earliest due poll is (0 when on time)."""
@@ -417,17 +428,21 @@ class PollScheduler:
         self._wake.set()
 
     async def _poll_one(self, sub: Submitted) -> None:
+        self._polling[id(sub)] = sub
         try:
             sub.polls += 1
             self.polls_total += 1
             decision = await self._poll(sub)
         finally:
             self._in_flight -= 1
+            del self._polling[id(sub)]
             self._wake.set()
         now = self._clock.now()
         elapsed = max(0.0, now - sub.submitted_mono)
         if decision is PollDecision.AGAIN:
             sub.last_pending_mono = now
+            if self._on_pending is not None:
+                self._on_pending(sub, elapsed)
             self._push(now + self.policy.next_delay(elapsed, sub.polls), sub)
         elif decision is PollDecision.DONE:
             self.done_total += 1

@@ -104,6 +104,7 @@ class LiveCounters:
     completed: int = 0
     failed: int = 0
     bytes_uploaded: int = 0
+    stuck: int = 0  # analyses reported stuck (stuck.StuckWatch)
     started_mono: float = field(default_factory=time.monotonic)
     run_done: int | None = None
     run_total: int | None = None
@@ -125,6 +126,7 @@ class Summary:
     polls: int = 0
     polled_rows: int = 0
     max_polls: int = 0
+    polls_by_count: Counter[int] = field(default_factory=Counter)  # polled rows by their polls
     attempts: int = 0
     resubmitted_rows: int = 0  # rows that needed more than one submission
     possible_duplicates: int = 0  # rows flagged possible_duplicate in their line
@@ -160,6 +162,7 @@ class Summary:
             self.polls += polls
             self.polled_rows += 1
             self.max_polls = max(self.max_polls, polls)
+            self.polls_by_count[polls] += 1
         att = _int(rec.get("attempts"))
         self.attempts += att
         if att > 1:

@@ -15,6 +15,11 @@ health decides (``health.ApiHealth.verdict``): a healthy API means this row's tr
 A submission cut short (an outage, an interrupt, a refused key) goes back to pending when none of
 its requests can have created a run (:meth:`Submitter.forget_unsent`), so the rerun does not
 flag it as a possible duplicate.
+
+A folder in a bucket can fail its upload on the S3 side (``s3.access``): an object changed since
+listing or unreadable fails the row (``file_changed``, ``file_unreadable``, or a transport kind
+when S3 failed for this row alone), never retried as the listed folder; an S3 outage stops the
+run. Either way the body never reached the API whole, so no run can exist for that attempt.
 """
 
 from __future__ import annotations
@@ -31,7 +36,16 @@ from bulk_engine.backend import JournalBackend, RowLost
 from bulk_engine.client import CaseClient, idempotency_key, submission_for
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
-from bulk_engine.errors import AmbiguousSubmitError, ApiError, PermanentError, TransientError
+from bulk_engine.control import SubmitGate
+from bulk_engine.errors import (
+    AmbiguousSubmitError,
+    ApiError,
+    ConfigError,
+    ManifestError,
+    PermanentError,
+    StoreUnavailableError,
+    TransientError,
+)
 from bulk_engine.finisher import Finisher
 from bulk_engine.logs import get_logger, short_token
 from bulk_engine.models import ErrorInfo, Job, Outcome, Submitted, Ticket
@@ -65,7 +79,8 @@ class Submitter:
     """Uploads tickets, with retries, through the run's one client."""
 
     def __init__(self, settings: Settings, *, client: CaseClient, backend: JournalBackend,
-                 scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock) -> None:
+                 scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock,
+                 gate: SubmitGate | None = None) -> None:
         self.settings = settings
         self._clock = clock
         self._client = client
@@ -76,9 +91,19 @@ class Submitter:
         self._uploads = anyio.CapacityLimiter(settings.concurrency)
         self._sending: dict[str, _Sending] = {}
         self._submitted = 0
+        self.gate = gate if gate is not None else SubmitGate()  # pause, drain (control.py)
 
     def statistics(self) -> SubmitterStatistics:
         return SubmitterStatistics(self._submitted, len(self._sending))
+
+    @property
+    def concurrency(self) -> int:
+        """Uploads allowed in flight now."""
+        return int(self._uploads.total_tokens)
+
+    def set_concurrency(self, n: int) -> None:
+        """Uploads allowed in flight from now on (callers beyond it wait for a slot)."""
+        self._uploads.total_tokens = n
 
     def submission(self, job: Job, *, asynchronous: bool,
                    key_fp: str | None = None) -> tuple[dict[str, Any], str]:
@@ -95,6 +120,9 @@ class Submitter:
     async def submit(self, ticket: Ticket) -> None:
         """Upload one folder (with retries); hand its token to the scheduler, or finish it."""
         job = ticket.job
+        if not await self.gate.admit():  # paused: waits here; draining: not sent at all
+            self._finisher.withdrawn()
+            return
         client = self._client
         structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
         payload, identity = self.submission(job, asynchronous=not goes_sync(self.settings, job))
@@ -105,6 +133,8 @@ class Submitter:
         async def before_send() -> None:
             # Journal intent once, when the first request of this submission really goes out.
             if job.key not in self._sending:
+                if not await self.gate.admit():  # paused or drained since the ticket came
+                    raise _Withdrawn
                 await self._backend.mark_submitting(job, ticket.attempts, identity, self._key_fp)
                 self._sending[job.key] = sending
             sending.in_flight = True
@@ -124,6 +154,9 @@ class Submitter:
         except RowLost:  # refused at mark_submitting: nothing was sent
             self._finisher.drop(job.key)
             return
+        except _Withdrawn:
+            self._finisher.withdrawn()
+            return
         except (PermanentError, TransientError) as exc:
             after_attempt(exc)
             if isinstance(exc, TransientError) and not await client.health.verdict("submit"):
@@ -134,6 +167,17 @@ class Submitter:
                 error=ErrorInfo(exc.kind, exc.message, exc.http_status),
                 submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
             return
+        except ManifestError as exc:  # the bucket's side of this row (see the module doc)
+            sending.in_flight = False
+            self._sending.pop(job.key, None)
+            await self._finisher.api_row(Outcome.for_job(
+                job, status=Status.FAILED, attempts=ticket.attempts,
+                error=ErrorInfo(exc.kind, exc.message),
+                submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
+            return
+        except (StoreUnavailableError, ConfigError):  # S3 down, or its credentials refused
+            sending.in_flight = False  # the body never reached the API whole: no run exists
+            raise
         self._sending.pop(job.key, None)
         self._submitted += 1
         if answer.token is None:  # sync mode: the answer is the result
@@ -165,6 +209,10 @@ class Submitter:
                     except RowLost:
                         pass  # another worker's now: it decides
         self._sending.clear()
+
+
+class _Withdrawn(Exception):
+    """Raised by ``before_send`` when the run drained: this folder's request does not go."""
 
 
 def sent_types(payload: dict[str, Any]) -> tuple[str, ...]:

@@ -127,9 +127,13 @@ ERROR_KINDS: Final[dict[str, ErrorKind]] = {
         _api("token_expired", "retrieve answered 404 and the attempt budget is spent"),
         _api("token_invalid", "retrieve answered 401 and the attempt budget is spent"),
         # Transport trouble: retried within --max-retries, then failed; a plain rerun retries.
-        _api("network", "the API could not be reached", final=False),
-        _api("timeout", "the API did not answer in time", final=False),
-        _api("server_error", "the API answered 5xx (or 502/503 from a gateway)", final=False),
+        # For a folder in a bucket, also S3 failing for that row alone (s3.access.engine_error).
+        _api("network", "the API (or S3, for this row alone) could not be reached",
+             final=False),
+        _api("timeout", "the API (or S3, for this row alone) did not answer in time",
+             final=False),
+        _api("server_error", "the API answered 5xx (or 502/503 from a gateway), or S3 kept "
+             "failing for this row alone", final=False),
         _api("rate_limited", "the API kept answering 429", final=False),
         _api("ambiguous_submit", "POST /case lost its answer after the body was sent",
              final=False),

@@ -251,8 +251,10 @@ def reconcile(path: Path, journal: Journal) -> ReconcileReport:
     except FileNotFoundError:
         size = -1
     known_tail = journal.output_tail
-    intact = size >= offset and (
-        offset == 0 or known_tail is None or file_tail_digest(path, offset) == known_tail)
+    # Intact: never written (no file, offset 0), or the bytes before the offset are the ones
+    # the journal last saw (a journal from before tails were recorded trusts the size).
+    intact = (size < 0 and offset == 0) or (size >= offset and (
+        offset == 0 or known_tail is None or file_tail_digest(path, offset) == known_tail))
     if not intact:
         return _rebuild(path, journal, report, max(size, 0))
     if size < 0:  # never written: nothing to reconcile

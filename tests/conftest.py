@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,18 @@ def expected_for_folder(
              for f in files]
     return expected_result(content_digest(pairs), analyse_type,
                            [multipart_filename(f.name) for f in files])
+
+
+def expected_for_contents(
+    files: Mapping[str, bytes], analyse_type: Sequence[str] = ("decision",)
+) -> dict[str, Any]:
+    """The result the emulator must give for a folder holding ``files`` (name → bytes), computed
+    from the bytes themselves: the equivalent of :func:`expected_for_folder` for a folder in a
+    bucket (hidden names are not part of a folder, as on disk)."""
+    names = sorted(n for n in files if not n.startswith("."))
+    pairs = [(multipart_filename(n), hashlib.sha256(files[n]).hexdigest()) for n in names]
+    return expected_result(content_digest(pairs), analyse_type,
+                           [multipart_filename(n) for n in names])
 
 
 def key_for(row_id: str, folder: Path, generation: int, **settings: Any) -> str:

@@ -15,8 +15,9 @@ turns moto's authentication on, so bad keys get InvalidAccessKeyId / SignatureDo
 access checks are real. ``s3_env`` puts the admin's credentials and the endpoint in the
 environment (``AWS_ENDPOINT_URL``, with the shared config files pointed at empty files and the
 EC2 metadata lookup turned off, so nothing outside this machine is ever asked). ``bucket``
-gives each test a fresh bucket. When ``CI=true`` a server that cannot start fails the tests
-instead of skipping them.
+gives each test a fresh bucket; ``big_object`` a bucket holding one 1 GiB object, built once
+per session and shared by the tests that stream it. When ``CI=true`` a server that cannot start
+fails the tests instead of skipping them.
 
 The server's memory is its own: tests that measure the client's memory run the client in
 another child process.
@@ -348,6 +349,31 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
 def bucket(s3_server: S3Server) -> str:
     """A fresh, empty bucket."""
     return s3_server.new_bucket()
+
+
+@dataclass(frozen=True, slots=True)
+class BigObject:
+    """A bucket holding ``big/huge.bin`` (1 GiB, sha256 ``sha256``) and ``big/small.bin``."""
+
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+    small: bytes
+
+
+@pytest.fixture(scope="session")
+def big_object(s3_server: S3Server) -> BigObject:
+    """One 1 GiB object, built once per session: one 64 MiB PUT, 16 UploadPartCopy of it and
+    a complete (~13 s of the server's CPU, 20-35 s of wall time on 2 shared cores)."""
+    import random
+
+    bucket = s3_server.new_bucket()
+    part = random.Random(11).randbytes(1 << 20) * 64  # 64 MiB
+    sha = s3_server.put_big(bucket, "big/huge.bin", part=part, parts=16)
+    small = b"warm-up"
+    s3_server.put(bucket, "big/small.bin", small)
+    return BigObject(bucket, "big/huge.bin", 1 << 30, sha, small)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,15 @@ def test_bench_client_cost_prints_cpu_and_loop_lag(tmp_path: Path) -> None:
     assert data["completed"] == 20 and data["cpu_ms_per_folder"] > 0
 
 
+def test_bench_client_cost_compares_runs_with_and_without_metrics(tmp_path: Path) -> None:
+    out = run([str(BENCH / "bench_client_cost.py"), "--folders", "20", "--metrics",
+               "--repeat", "1", "--scrape-interval", "0.05", "--json", "m.json"], tmp_path)
+    assert "without --metrics-port" in out and "metrics cost:" in out
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert [r["completed"] for r in data["runs"]["off"] + data["runs"]["on"]] == [20, 20]
+    assert data["runs"]["on"][0]["scrapes"] >= 1 and data["runs"]["off"][0]["scrapes"] == 0
+
+
 @pytest.mark.timeout(180)
 def test_bench_scale_prints_rss_for_rows_and_big_file(tmp_path: Path) -> None:
     out = run([str(BENCH / "bench_scale.py"), "--rows", "20", "40", "--distinct-folders", "5",
@@ -95,6 +104,17 @@ def test_bench_scale_prints_rss_for_rows_and_big_file(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "s.json").read_text())
     assert [r["completed"] for r in data["rows"]] == [20, 40]
     assert data["big_file"]["completed"] == 1
+
+
+@pytest.mark.timeout(180)
+def test_bench_s3_engine_prints_bucket_against_disk(tmp_path: Path) -> None:
+    """`bench_s3.py --engine` at a tiny size: the engine from a bucket (moto) and from disk."""
+    out = run([str(BENCH / "bench_s3.py"), "--engine", "--folders", "4", "--json", "e.json"],
+              tmp_path, timeout=170)
+    assert "client CPU ms/folder" in out and "S3 requests/folder" in out
+    results = json.loads((tmp_path / "e.json").read_text())["engine"]["results"]
+    assert [(r["source"], r["completed"]) for r in results] == [("local", 4), ("s3", 4)]
+    assert results[1]["s3_requests_per_folder"] > 1
 
 
 @pytest.mark.postgres

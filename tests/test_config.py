@@ -21,9 +21,9 @@ def _documented() -> tuple[dict[str, Any], set[str], list[str]]:
     """(active keys with values, commented-out keys, lines without a comment)."""
     text = DEFAULT_TOML.read_text(encoding="utf-8")
     active = tomllib.loads(text)
-    commented = set(re.findall(r"^#\s*([a-z_]+)\s*=", text, flags=re.M))
+    commented = set(re.findall(r"^#\s*([a-z0-9_]+)\s*=", text, flags=re.M))
     bare = [line for line in text.splitlines()
-            if re.match(r"^#?\s*[a-z_]+\s*=", line) and "  # " not in line]
+            if re.match(r"^#?\s*[a-z0-9_]+\s*=", line) and "  # " not in line]
     return active, commented, bare
 
 

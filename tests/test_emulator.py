@@ -762,3 +762,85 @@ def test_cli_starts_prints_its_url_answers_and_stops_on_sigint() -> None:
         assert proc.returncode == 0, err
         assert "Traceback" not in err
         assert "secret" not in line + out + err
+
+
+# -- limits changed mid-run -------------------------------------------------------------------
+
+
+def _state_submit(state: EmulatorState, n: int) -> list[Any]:
+    """Create ``n`` async runs directly on a sans-I/O state; return them in order."""
+    from bulk_engine.emulator.upload import Payload, Upload
+
+    return [state.submit(0, Upload(Payload(asynchronous=True), (), f"{i:064x}"), None).run
+            for i in range(n)]
+
+
+async def test_lowering_the_cap_delays_only_later_runs() -> None:
+    """Cap 4 -> 2 at t=0.5: the runs already started keep their start; the next ones start
+    only while fewer than two run, then the cap goes back to 4."""
+    clock = FakeClock()
+    state = EmulatorState(EmulatorConfig(processing_time=(1.0, 1.0), max_parallel_analyses=4,
+                                         seed=1), clock=clock)
+    first = _state_submit(state, 4)
+    assert [r.started_at for r in first] == [0.0] * 4
+    await clock.advance(0.5)
+    assert state.set_limits(max_parallel_analyses=2).max_parallel_analyses == 2
+    later = _state_submit(state, 3)
+    # Two of the four must finish (t=1.0) before a third run may start: then one at a time
+    # per slot, each lasting 1 s.
+    assert [r.started_at for r in later] == [1.0, 1.0, 2.0]
+    await clock.advance(2.0)
+    state.set_limits(max_parallel_analyses=4)
+    (after,) = _state_submit(state, 1)
+    assert after.started_at == 2.5  # only two run at 2.5: room at once
+    assert state.limits()["max_parallel_analyses"] == 4
+
+
+async def test_rate_limit_can_be_changed_removed_and_restored() -> None:
+    """set_limits changes every key's bucket: tokens earned so far count at the old rate."""
+    clock = FakeClock()
+    state = EmulatorState(EmulatorConfig(rate_limit=2.0, burst=1, seed=1), clock=clock)
+    assert state.take_rate_token(0) == 0.0
+    assert state.take_rate_token(0) == pytest.approx(0.5)
+    await clock.advance(0.25)  # half a token earned at 2/s
+    state.set_limits(rate_limit=1.0)
+    assert state.take_rate_token(0) == pytest.approx(0.5)  # the other half at 1/s
+    state.set_limits(rate_limit=None)
+    assert [state.take_rate_token(0) for _ in range(5)] == [0.0] * 5
+    state.set_limits(rate_limit=4.0, burst=2)
+    assert state.take_rate_token(0) > 0.0  # a restored bucket starts empty
+    assert state.limits() == {"max_parallel_analyses": 10, "rate_limit": 4.0, "burst": 2}
+
+
+def test_set_limits_rejects_invalid_values_and_changes_nothing() -> None:
+    state = EmulatorState(EmulatorConfig(rate_limit=5.0, seed=1), clock=FakeClock())
+    for bad in ({"max_parallel_analyses": 0}, {"rate_limit": -1.0}, {"burst": 0},
+                {"max_parallel_analyses": "3"}):
+        with pytest.raises(ValueError):
+            state.set_limits(**bad)  # type: ignore[arg-type]
+    assert state.limits() == {"max_parallel_analyses": 10, "rate_limit": 5.0, "burst": 10}
+
+
+async def test_limits_endpoint_changes_the_cap_and_rate_mid_run() -> None:
+    """GET/POST /_emulator/limits: no key needed; a 429 follows the new rate; 400 on bad input."""
+    clock = FakeClock()
+    async with serve(clock, max_parallel_analyses=3, processing_time=(1.0, 1.0)) as (emu, session):
+        assert await get_json(session, "/_emulator/limits") == {
+            "max_parallel_analyses": 3, "rate_limit": None, "burst": 10}
+        async with session.post("/_emulator/limits",
+                                json={"max_parallel_analyses": 1, "rate_limit": 1,
+                                      "burst": 1}) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"max_parallel_analyses": 1, "rate_limit": 1,
+                                         "burst": 1}
+        assert (await submit(session))[0] == 429  # a new bucket starts empty
+        await clock.advance(1.0)
+        await submit_async(session)
+        assert (await submit(session))[0] == 429
+        for body in ({"max_parallel_analyses": 0}, {"nope": 1}, [1]):
+            async with session.post("/_emulator/limits", json=body) as resp:
+                assert resp.status == 400
+                assert "detail" in await resp.json()
+        async with session.post("/_emulator/limits", data=b"{not json") as resp:
+            assert resp.status == 400
+        assert emu.state.limits()["max_parallel_analyses"] == 1

@@ -389,3 +389,51 @@ async def test_custom_min_rate_is_the_floor() -> None:
     await clock.advance(1.0)
     limiter.on_throttled()
     assert limiter.current_rate == 4.0
+
+
+# ---- quiet spells and the auto rate ---------------------------------------------------------
+
+
+async def test_idle_tokens_bound_the_burst_after_a_quiet_spell() -> None:
+    """burst 5 but idle_tokens 2: after 10 quiet seconds, two calls go at once, then 0.1 s
+    apart (a pause of the submitters must not come back as a burst)."""
+    clock = FakeClock()
+    limiter = RateLimiter(10, 5, clock=clock, idle_tokens=2)
+    for _ in range(5):  # the initial bucket (full here) is spent at the start
+        await limiter.acquire()
+    await clock.advance(10.0)
+    rec = Recorder(limiter, clock)
+    for i in range(5):
+        await rec.start(f"c{i}")
+    await clock.run_until_idle()
+    assert rec.times() == pytest.approx([10.0, 10.0, 10.1, 10.2, 10.3])
+
+
+def test_idle_tokens_default_keeps_the_full_burst_and_is_validated() -> None:
+    clock = ManualClock()
+    limiter = RateLimiter(10, 5, clock=clock)
+    assert limiter.idle_tokens == 5.0
+    clock.t = 10.0
+    assert [limiter._reserve(10.0) for _ in range(5)] == [0.0] * 5
+    for bad in (0.5, 6.0):
+        with pytest.raises(ValueError):
+            RateLimiter(10, 5, clock=clock, idle_tokens=bad)
+
+
+async def test_auto_limiter_follows_its_controller_within_the_ceiling() -> None:
+    """The controller's rate replaces the AIMD: it doubles with clean time up to the ceiling,
+    a 429 cuts it, and the Retry-After pause still holds everyone."""
+    clock = FakeClock()
+    limiter = RateLimiter.auto(10, clock=clock, ceiling=8.0)
+    assert limiter.current_rate == 2.0 and limiter.idle_tokens == 2.0
+    for _ in range(40):
+        await clock.advance(0.05)
+        limiter.on_success()
+    assert limiter.current_rate == 8.0  # doubled twice in a second, then the ceiling
+    limiter.on_throttled()
+    limiter.pause_for(1.0)
+    assert limiter.current_rate < 8.0 and limiter.rate_decreases == 1
+    assert limiter.paused_until == pytest.approx(clock.now() + 1.0)
+    stats = limiter.statistics()
+    assert stats.mode == "auto" and stats.throttled == 1 and stats.ceiling == 8.0
+    assert RateLimiter.auto(10, clock=clock).statistics().ceiling is None

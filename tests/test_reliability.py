@@ -397,6 +397,16 @@ def test_an_unusable_manifest_leaves_no_journal_behind(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]  # no journal, no output
 
 
+async def test_a_fresh_run_does_not_warn_that_the_output_changed(tmp_path: Path) -> None:
+    """No output and no journal yet: nothing to rescan, no `output_changed` warning."""
+    manifest = make_archive(tmp_path / "a", 3, seed=11)
+    async with run_emulator(fast_config()) as emu:
+        with capture_logs() as logs:
+            res = await Engine(settings(emu, tmp_path / "out.jsonl"), manifest).run()
+    assert res.exit_code == 0
+    assert [e for e in logs if e["event"] == "output_changed"] == []
+
+
 def test_fingerprints_follow_file_changes(tmp_path: Path) -> None:
     """(Guard for the request identity) a folder's fingerprint changes with its files."""
     folder = tmp_path / "f"

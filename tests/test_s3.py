@@ -47,7 +47,7 @@ from bulk_engine.s3.errors import Fault, classify
 from bulk_engine.s3.listing import LeafWalk, ListPage, RawObject, mtime_ns
 
 if TYPE_CHECKING:
-    from s3server import S3Server
+    from s3server import BigObject, S3Server
 
 # The server fixtures; a plugin (not an import) so that pytest rewrites its asserts.
 pytest_plugins = ("s3server",)
@@ -606,6 +606,49 @@ async def test_retries_are_bounded_then_s3_unavailable(s3_env: S3Server, bucket:
     assert "SlowDown" in err.value.message
 
 
+class GatedClock(InstantClock):
+    """Sleeps wait until ``gate`` is set (then return at once): a test decides what happens
+    while a call is between two attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.sleeping = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeping.set()
+        await self.gate.wait()
+        await super().sleep(seconds)
+
+
+async def test_spent_retries_say_whether_the_store_answered_others_meanwhile(
+    s3_env: S3Server, bucket: str
+) -> None:
+    """``isolated``: another call was answered while this one kept failing (one bucket or
+    object in trouble); not when none was (an outage). The engine fails a row or stops."""
+    good = s3_env.new_bucket()
+    s3_env.put(bucket, "f/a.pdf")
+    s3_env.put(good, "f/b.pdf")
+    try:
+        s3_env.fault("503", count=1000, match=f"/{bucket}")
+        async with source(max_retries=2) as s3:
+            with pytest.raises(S3UnavailableError) as alone:
+                await s3.list_folder(f"s3://{bucket}/f/", max_file_size=10)
+        clock = GatedClock()
+        async with source(clock=clock, max_retries=2) as s3:
+            failing = asyncio.ensure_future(
+                s3.list_folder(f"s3://{bucket}/f/", max_file_size=10))
+            await clock.sleeping.wait()  # its first attempt failed; it waits to retry
+            await s3.list_folder(f"s3://{good}/f/", max_file_size=10)  # answered meanwhile
+            clock.gate.set()
+            with pytest.raises(S3UnavailableError) as others_answered:
+                await failing
+    finally:
+        s3_env.clear_faults()
+    assert not alone.value.isolated
+    assert others_answered.value.isolated and len(clock.sleeps) == 2
+
+
 async def test_unreachable_endpoint_is_retried_then_unavailable(s3_env: S3Server) -> None:
     """Connection refused: retried like any transient fault, then S3UnavailableError 'network'."""
     import socket
@@ -689,17 +732,16 @@ asyncio.run(main(sys.argv[1]))
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_one_gib_object_streams_with_flat_memory(s3_env: S3Server, bucket: str) -> None:
+def test_one_gib_object_streams_with_flat_memory(s3_env: S3Server, big_object: BigObject) -> None:
     """1 GiB through the payload in a child process: exact bytes, RSS growth under 30 MB.
 
     Cost on this 2-core machine: building the object in moto (one 64 MiB PUT, 16
     UploadPartCopy of it, complete) takes ~13 s of the server's CPU, 20-35 s of wall time
-    depending on the load; streaming and hashing it ~3 s of the child's CPU, 5-9 s of wall.
+    depending on the load (once per session: the ``big_object`` fixture, shared with the
+    engine's 1 GiB test); streaming and hashing it ~3 s of the child's CPU, 5-9 s of wall.
     Measured growth: under 1 MB (RSS sampled every 16 MiB against the warmed-up base).
     """
-    part = random.Random(11).randbytes(1 << 20) * 64  # 64 MiB
-    want = s3_env.put_big(bucket, "big/huge.bin", part=part, parts=16)
-    s3_env.put(bucket, "big/small.bin", b"warm-up")
+    bucket, want = big_object.bucket, big_object.sha256
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", _STREAM_CHILD, f"s3://{bucket}/big/"],
                           env=env, capture_output=True, text=True, timeout=120, check=False)

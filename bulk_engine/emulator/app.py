@@ -5,7 +5,9 @@
 (``error_rate``, before anything else), ``api-key`` check (401), per-key rate limit (429 with
 ``Retry-After``); then the handler; then an optional injected stall before the answer leaves.
 Handlers turn ``upload.py`` and ``state.py`` results into the answers of ``case-api.md``.
-``GET /_emulator/stats`` and ``GET /_emulator/submissions`` need no key and inject no fault.
+``GET /_emulator/stats``, ``GET /_emulator/submissions`` and ``GET``/``POST /_emulator/limits``
+(the per-key cap and rate limit, changeable mid-run for tests and benchmarks) need no key and
+inject no fault.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def create_app(config: EmulatorConfig, *, clock: Clock | None = None) -> web.App
     app.router.add_post("/case/retrieve", _retrieve)
     app.router.add_get("/_emulator/stats", _stats)
     app.router.add_get("/_emulator/submissions", _submissions)
+    app.router.add_get("/_emulator/limits", _get_limits)
+    app.router.add_post("/_emulator/limits", _set_limits)
     return app
 
 
@@ -237,3 +241,33 @@ async def _stats(request: web.Request) -> web.Response:
 async def _submissions(request: web.Request) -> web.Response:
     """``GET /_emulator/submissions``: every submission that created a run, oldest first."""
     return web.json_response({"submissions": request.app[STATE_KEY].submissions_json()})
+
+
+_LIMIT_FIELDS = ("max_parallel_analyses", "rate_limit", "burst")
+
+
+async def _get_limits(request: web.Request) -> web.Response:
+    """``GET /_emulator/limits``: the per-key cap, rate limit and burst in force."""
+    return web.json_response(request.app[STATE_KEY].limits())
+
+
+async def _set_limits(request: web.Request) -> web.Response:
+    """``POST /_emulator/limits``: change some of them mid-run, e.g. ``{"max_parallel_analyses":
+    5}`` (another job took slots of the key) or ``{"rate_limit": null}``; answers the limits now
+    in force, or 400 for an unknown name or an invalid value (nothing changes then)."""
+    state = request.app[STATE_KEY]
+    try:
+        body = json.loads(await request.text())
+    except ValueError:
+        return _error(400, "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
+    unknown = sorted(set(body) - set(_LIMIT_FIELDS))
+    if unknown:
+        return _error(400, f"unknown limit(s): {', '.join(unknown)}; known: "
+                           f"{', '.join(_LIMIT_FIELDS)}")
+    try:
+        state.set_limits(**body)
+    except (TypeError, ValueError) as exc:
+        return _error(400, str(exc))
+    return web.json_response(state.limits())

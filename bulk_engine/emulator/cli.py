@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bulk_engine.emulator",
         description="Local emulator of the Case Analysis API (POST /case, POST /case/retrieve), "
         "with per-key parallelism, rate limiting, result expiry and fault injection. "
-        "Counters: GET /_emulator/stats; recorded uploads: GET /_emulator/submissions.",
+        "Counters: GET /_emulator/stats; recorded uploads: GET /_emulator/submissions; "
+        "per-key cap and rate limit, changeable mid-run: GET/POST /_emulator/limits.",
     )
     net = parser.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")

@@ -6,10 +6,14 @@ lazily: when a run is created it is given a start time (the moment one of its ke
 ``max_parallel_analyses`` slots frees, FIFO) and a finish time, and its status is computed from
 those timestamps whenever asked. No task runs in the background, yet queued runs really wait and
 the per-key cap really holds.
+
+The cap and the rate limit may change mid-run (``set_limits``), as when another job on the same
+key takes some of its slots: runs already given a start keep it, later ones follow the new cap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -87,10 +91,15 @@ class TokenBucket:
     tokens: float
     updated: float
 
+    def refill(self, now: float) -> None:
+        """Account the tokens earned up to ``now``."""
+        if now > self.updated:
+            self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+
     def take(self, now: float) -> float:
         """Take one token; return 0 when granted, else the seconds until one is available."""
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
+        self.refill(now)
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
@@ -251,10 +260,12 @@ class EmulatorState:
         the heap entries finishing later.
         """
         heap = self._slots[key_index]
-        if len(heap) < self.config.max_parallel_analyses:
-            start = now
-        else:
-            start = max(now, heapq.heappop(heap))
+        start = now
+        # Usually pops one slot (or none while the cap is not reached). After the cap was
+        # lowered, the new run waits until enough slots are free: by the time the k-th earliest
+        # of them finishes, fewer than the new cap are still running.
+        while len(heap) >= self.config.max_parallel_analyses:
+            start = max(start, heapq.heappop(heap))
         running = 1 + sum(1 for finish in heap if finish > start)
         heapq.heappush(heap, start + duration)
         return start, running
@@ -265,6 +276,55 @@ class EmulatorState:
             run_id = f"{stamp}_{self.rng.getrandbits(48):012x}"
             if run_id not in self.runs:
                 return run_id
+
+    def set_limits(
+        self,
+        *,
+        max_parallel_analyses: int | None = None,
+        rate_limit: float | Literal["keep"] | None = "keep",
+        burst: int | None = None,
+    ) -> EmulatorConfig:
+        """Change the per-key cap and rate limit from now on; returns the new config.
+
+        ``max_parallel_analyses``: runs created from now on start only while fewer than this many
+        of the key's runs are running (runs already started or given a start keep it).
+        ``rate_limit`` (``None`` turns the limit off) and ``burst`` apply to every key's bucket
+        at once: tokens earned so far count at the old rate, and a smaller burst trims the
+        bucket. Invalid values raise ``ValueError`` and change nothing.
+        """
+        changes: dict[str, Any] = {}
+        if max_parallel_analyses is not None:
+            changes["max_parallel_analyses"] = max_parallel_analyses
+        if rate_limit != "keep":
+            changes["rate_limit"] = rate_limit
+        if burst is not None:
+            changes["burst"] = burst
+        config = dataclasses.replace(self.config, **changes)  # validates
+        now = self.clock.now()
+        buckets: list[TokenBucket | None] = []
+        for bucket in self._buckets:
+            if config.rate_limit is None:
+                buckets.append(None)
+            elif bucket is None:
+                buckets.append(TokenBucket(config.rate_limit, config.burst, 0.0, now))
+            else:
+                bucket.refill(now)
+                bucket.rate = config.rate_limit
+                bucket.burst = config.burst
+                bucket.tokens = min(bucket.tokens, float(config.burst))
+                buckets.append(bucket)
+        self._buckets = buckets
+        self.config = config
+        return config
+
+    def limits(self) -> dict[str, Any]:
+        """The limits in force, as served by ``GET``/``POST /_emulator/limits``."""
+        c = self.config
+        return {
+            "max_parallel_analyses": c.max_parallel_analyses,
+            "rate_limit": c.rate_limit,
+            "burst": c.burst,
+        }
 
     def run_status(self, run: Run) -> RunStatus:
         """The status of ``run`` now."""

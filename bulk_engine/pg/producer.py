@@ -27,7 +27,8 @@ worker (shared storage, mounted anywhere). Then, by the row's state:
 
 When no row is free, the lane waits for a slot to free or ``idle_s``, and tries again: rows
 held by a worker that died come free when their leases run out. It ends once it holds nothing
-and the run is finished (every row done).
+and the run is finished (every row done), or at once when the worker drains (``SIGUSR1``: the
+tokens it holds are still polled out; the rows it had claimed go back to the run).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from bulk_engine.backend import RowLost
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
-from bulk_engine.errors import ManifestError
+from bulk_engine.errors import ConfigError, ManifestError
 from bulk_engine.finisher import Finisher
 from bulk_engine.logs import get_logger
 from bulk_engine.manifest import ProducerStats, list_folder, resolve_folder
@@ -56,6 +57,7 @@ from bulk_engine.pg.rows import ClaimedRow, LeaseKeeper, LoadReport, RowSpec, Ru
 from bulk_engine.policy import ResumeAction, resume_action
 from bulk_engine.producer import MAX_POLL_LATENESS_S, ProducerStatistics
 from bulk_engine.rules import row_stream, scratch_seen
+from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollScheduler
 from bulk_engine.submitter import Submitter, sent_types
 from bulk_engine.vocab import RowState
@@ -172,6 +174,8 @@ class ClaimProducer:
         """Claim and route rows until this lane holds none and the run is finished."""
         async with send:
             while True:
+                if self._submitter.gate.draining:
+                    return  # a drain (SIGUSR1): no new row; the tokens held are polled out
                 free = self._slots.free()
                 if free <= 0:
                     await self._slots.wait_freed(self.idle_s)
@@ -204,6 +208,10 @@ class ClaimProducer:
         s = self.settings
         try:
             path = resolve_folder(row.folder, self._base, self._confine)
+            if isinstance(path, S3Url):  # the worker stops; the row waits, untouched
+                raise ConfigError(f"row {row.id!r} is a folder in a bucket ({row.folder}): "
+                                  "s3:// folders are not supported with --db yet; run this "
+                                  "manifest without --db")
             files = list_folder(path, max_file_size=s.max_file_size,
                                 follow_symlinks=s.follow_symlinks)
         except ManifestError as exc:

@@ -30,6 +30,8 @@ failed, 1 on a fatal error, 130/143 when interrupted (the rows it held go back t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
@@ -125,10 +127,12 @@ class PgRunStatistics(RunStatistics):
 
 
 def _summed(cls: Callable[..., _D], items: Iterable[object]) -> _D:
-    """One statistics dataclass whose every field is the sum of ``items``' fields."""
+    """One statistics dataclass whose every field is the sum of ``items``' fields (numbers,
+    or Counters), over at least one item."""
     rows = list(items)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    return cls(**{n: sum(getattr(r, n) for r in rows) for n in names})
+    return cls(**{n: functools.reduce(operator.add, (getattr(r, n) for r in rows))
+                  for n in names})
 
 
 @dataclass(eq=False)
@@ -310,7 +314,7 @@ class PgWorker(Engine):
                                   clock=self.clock, max_concurrent_polls=MAX_CONCURRENT_POLLS)
         submitter = Submitter(s.replace(api_key=key), client=client, backend=backend,
                               scheduler=scheduler, finisher=finisher,
-                              key_fp=key_fingerprint(key), clock=self.clock)
+                              key_fp=key_fingerprint(key), clock=self.clock, gate=self.gate)
         poller = Poller(s, client=client, backend=backend, finisher=finisher,
                         submitter=submitter)
         db_key_fp = governor.key_fp

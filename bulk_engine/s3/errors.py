@@ -46,8 +46,12 @@ class S3UnavailableError(TransientError):
     """S3 kept failing in a way a retry could help (5xx, throttling, network), retries spent.
 
     ``kind`` is ``network``, ``timeout`` or ``server_error``, as for the API, so a plain rerun
-    retries the row.
+    retries the row. ``isolated`` is True when other S3 requests of the same source were
+    answered while this one kept failing (one object or prefix in trouble, not the store): the
+    engine fails only that row then, and stops the run otherwise (``S3Access``).
     """
+
+    isolated: bool = False
 
 
 class Fault(enum.Enum):
@@ -243,7 +247,7 @@ def to_error(
             "server_error" if status is not None or code == "ChecksumMismatch" else "network")
         return S3UnavailableError(
             f"S3 kept failing for {url} ({at}) after every retry; check the store "
-            f"({endpoint_shown(endpoint)}) and rerun: the row is retried",
+            f"({endpoint_shown(endpoint)})",
             http_status=status, kind=kind,
         )
     if fault is Fault.CHANGED:

@@ -15,6 +15,10 @@ every rule is tested on hand-made pages. The rules mirror ``manifest.list_folder
   sub-prefixes is walked into and its own objects are ignored, as ``iter_root`` ignores the files
   of a directory that has subdirectories.
 
+``LeafCounter`` tells how many leaves the walk would yield from the *flat* listing (no
+delimiter: up to 1000 keys a request, whatever the folders), for the progress panel's total: a
+walk costs a request per folder, the count about one per few hundred folders.
+
 ``LeafWalk`` streams the leaves of a tree depth first while pages arrive: it holds one page of
 pending sub-prefixes per level (and the current leaf's objects), never the whole tree, so a prefix
 with millions of folders yields its first leaf after a handful of requests. Leaves come in S3's
@@ -31,12 +35,14 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from bulk_engine.errors import ConfigError, ManifestError
 from bulk_engine.s3.url import S3Url
 
 __all__ = [
     "FolderListing",
+    "LeafCounter",
     "LeafWalk",
     "ListPage",
     "ListRequest",
@@ -286,3 +292,58 @@ class LeafWalk:
         except ManifestError as exc:
             return S3Leaf(self._id(listing.url), listing.url, error=exc)
         return S3Leaf(self._id(listing.url), listing.url, entries=entries)
+
+
+class LeafCounter:
+    """Counts the leaves ``LeafWalk`` would yield under ``root``, from every key in key order.
+
+    Feed the keys of the flat listing (no delimiter) in the order S3 gives them, then
+    ``finish()``. All keys under one prefix are contiguous in that order, so a folder is
+    complete as soon as a key outside it arrives: the counter holds the current key's chain of
+    folders, never the tree. A folder is a leaf when it has no visible sub-folder, as for the
+    walk: hidden names (``.x``) neither count nor are entered, a marker ``a/b/`` makes ``b`` a
+    folder, and the root is itself the one leaf (id ``.``) when it has no visible sub-folder.
+    """
+
+    def __init__(self, root: S3Url) -> None:
+        self.root = root
+        self._chain: list[list[Any]] = []  # [segment, has a visible sub-folder]
+        self._root_has_child = False
+        self._seen = False
+        self.count = 0
+
+    def feed(self, keys: Iterable[str]) -> None:
+        """The next keys of the flat listing, in S3's order."""
+        start = len(self.root.prefix)
+        chain = self._chain
+        for key in keys:
+            self._seen = True
+            folders = key[start:].split("/")[:-1]  # the last part is the name ("": a marker)
+            hidden = next((i for i, f in enumerate(folders) if _hidden(f)), len(folders))
+            folders = folders[:hidden]
+            same = 0
+            while same < len(chain) and same < len(folders) and chain[same][0] == folders[same]:
+                same += 1
+            self._close(same)
+            for segment in folders[same:]:
+                if chain:
+                    chain[-1][1] = True
+                else:
+                    self._root_has_child = True
+                chain.append([segment, False])
+
+    def finish(self) -> int:
+        """The number of leaves; ConfigError when nothing is stored under the root."""
+        self._close(0)
+        if not self._seen:
+            raise ConfigError(
+                f"--root {self.root} holds nothing: no object is stored under that prefix; "
+                "check the bucket and the prefix"
+            )
+        return self.count + (0 if self._root_has_child else 1)
+
+    def _close(self, depth: int) -> None:
+        while len(self._chain) > depth:
+            _, has_child = self._chain.pop()
+            if not has_child:
+                self.count += 1

@@ -15,6 +15,11 @@ retried here with ``backoff.full_jitter``, an injected ``random.Random`` and ``C
 ``IfMatch=<listed ETag>``: if it changed since its folder was listed, S3 answers 412 and the
 read raises ``ManifestError('file_changed')`` before a byte of the new content is sent; a read
 cut mid-body resumes from where it stopped with a ``Range`` request under the same ``IfMatch``.
+
+When a call's retries are spent, ``S3UnavailableError.isolated`` tells whether the store went on
+answering other calls meanwhile (a LIST page, a whole object read, or a definite refusal such as
+AccessDenied counts; this call's own partial reads do not): the engine fails just that row when
+it did, and stops the run when the store answered nothing (``S3Access``).
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from bulk_engine.backoff import full_jitter
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.errors import BulkEngineError, ConfigError, ManifestError
 from bulk_engine.logs import get_logger
-from bulk_engine.s3.errors import Fault, endpoint_shown, fault_of, to_error
+from bulk_engine.s3.errors import Fault, S3UnavailableError, endpoint_shown, fault_of, to_error
 from bulk_engine.s3.listing import (
     FolderListing,
+    LeafCounter,
     LeafWalk,
     ListPage,
     ListRequest,
@@ -111,6 +117,15 @@ class S3Stats:
     changed_objects: int = 0
 
 
+@dataclass(slots=True)
+class _Call:
+    """One logical call's retries: how many so far, and the store's answer count when it first
+    failed (to tell an isolated failure from an outage)."""
+
+    attempts: int = 0
+    answers_at_first_failure: int | None = None
+
+
 class S3Source:
     """One S3 client for the run: folder listings, the ``--root`` walk, object streams.
 
@@ -136,6 +151,7 @@ class S3Source:
         self._endpoint: str | None = None
         self._counts = {"list_calls": 0, "get_calls": 0, "retries": 0, "bytes_read": 0,
                         "changed_objects": 0}
+        self._answers = 0  # calls the store answered in full (see the module docstring)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -184,6 +200,11 @@ class S3Source:
     def statistics(self) -> S3Stats:
         """The counters so far."""
         return S3Stats(**self._counts)
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint the client talks to (resolved by botocore), once entered."""
+        return self._endpoint
 
     def blocking(self) -> BlockingS3Source:
         """This source for a worker thread started by ``anyio.to_thread.run_sync``."""
@@ -234,6 +255,10 @@ class S3Source:
             else:
                 walk.feed(page)
 
+    async def list_page(self, bucket: str, request: ListRequest) -> ListPage:
+        """One page of a walk (``LeafWalk.next_request``), for drivers of the walk elsewhere."""
+        return await self._list_page(bucket, request)
+
     async def _list_page(self, bucket: str, request: ListRequest) -> ListPage:
         """One ListObjectsV2 page (delimiter "/"), retried; errors translated."""
         kwargs: dict[str, Any] = {
@@ -247,7 +272,8 @@ class S3Source:
             self._counts["list_calls"] += 1
             return await self._client.list_objects_v2(**kwargs)
 
-        answer = await self._retrying(call, url=str(S3Url(bucket, request.prefix)))
+        answer = await self._retrying(call, url=str(S3Url(bucket, request.prefix)),
+                                      completes=True)
         objects = tuple(
             RawObject(o["Key"], int(o["Size"]), str(o.get("ETag", "")),
                       mtime_ns(o["LastModified"]))
@@ -262,6 +288,40 @@ class S3Source:
                 url=str(S3Url(bucket, request.prefix)),
             )
         return ListPage(objects, prefixes, token)
+
+    async def count_leaf_prefixes(self, url: str | S3Url) -> int:
+        """How many leaves ``iter_leaf_prefixes`` would yield, from the flat key listing.
+
+        Listing without a delimiter returns up to ``page_size`` keys a request, whatever the
+        folders, so counting a tree of folders of a few files costs about one request per
+        few hundred folders, where the walk costs one per folder (``listing.LeafCounter``).
+        Raises ConfigError when nothing is stored under ``url`` (as the walk does).
+        """
+        root = url if isinstance(url, S3Url) else parse_s3_url(url)
+        counter = LeafCounter(root)
+        token: str | None = None
+        while True:
+            keys, token = await self._list_keys_page(root, token)
+            counter.feed(keys)
+            if token is None:
+                return counter.finish()
+
+    async def _list_keys_page(self, root: S3Url, token: str | None
+                              ) -> tuple[list[str], str | None]:
+        """One ListObjectsV2 page of every key under ``root`` (no delimiter), retried."""
+        kwargs: dict[str, Any] = {"Bucket": root.bucket, "Prefix": root.prefix,
+                                  "MaxKeys": self.options.page_size}
+        if token is not None:
+            kwargs["ContinuationToken"] = token
+
+        async def call() -> Any:
+            self._counts["list_calls"] += 1
+            return await self._client.list_objects_v2(**kwargs)
+
+        answer = await self._retrying(call, url=str(root), completes=True)
+        keys = [o["Key"] for o in answer.get("Contents", ())]
+        more = bool(answer.get("IsTruncated"))
+        return keys, (answer.get("NextContinuationToken") or None) if more else None
 
     # ---- objects -------------------------------------------------------------------------
 
@@ -284,10 +344,10 @@ class S3Source:
         the retry budget. Memory: one chunk plus aiohttp's read buffer, whatever the size.
         """
         offset = 0
-        attempt = 0
+        state = _Call()
         chunk_size = self.options.chunk_size
         while True:
-            body = await self._open(entry, offset, attempt)
+            body = await self._open(entry, offset, state)
             try:
                 while offset < entry.size:
                     try:
@@ -296,21 +356,22 @@ class S3Source:
                         fault, _, _ = fault_of(exc)
                         if fault is not Fault.TRANSIENT or _is_checksum(exc):
                             raise self._error(exc, url=entry.url, one_object=True) from None
-                        attempt = await self._backoff(attempt, exc, url=entry.url)
+                        await self._backoff(state, exc, url=entry.url)
                         break  # reopen from ``offset``
                     if not chunk:  # the server ended the body early
-                        attempt = await self._backoff(
-                            attempt, ConnectionResetError("body ended early"), url=entry.url)
+                        await self._backoff(
+                            state, ConnectionResetError("body ended early"), url=entry.url)
                         break
                     offset += len(chunk)
                     self._counts["bytes_read"] += len(chunk)
                     yield chunk
                 else:
+                    self._answers += 1  # the whole object: the store answered this call
                     return
             finally:
                 body.close()
 
-    async def _open(self, entry: S3Entry, offset: int, attempt: int) -> Any:
+    async def _open(self, entry: S3Entry, offset: int, state: _Call) -> Any:
         """GET the object from ``offset`` under IfMatch; the body, its length checked."""
         kwargs: dict[str, Any] = {"Bucket": entry.bucket, "Key": entry.key, "IfMatch": entry.etag}
         if offset:
@@ -320,10 +381,11 @@ class S3Source:
             self._counts["get_calls"] += 1
             return await self._client.get_object(**kwargs)
 
-        answer = await self._retrying(call, url=entry.url, one_object=True, attempt=attempt)
+        answer = await self._retrying(call, url=entry.url, one_object=True, state=state)
         length = answer.get("ContentLength")
         if length is not None and int(length) != entry.size - offset:
             answer["Body"].close()
+            self._answers += 1
             self._counts["changed_objects"] += 1
             raise ManifestError(
                 "file_changed",
@@ -340,34 +402,51 @@ class S3Source:
         *,
         url: str,
         one_object: bool = False,
-        attempt: int = 0,
+        state: _Call | None = None,
+        completes: bool = False,
     ) -> _T:
-        """``call()`` until it succeeds; transient faults retried with full jitter."""
+        """``call()`` until it succeeds; transient faults retried with full jitter.
+
+        ``completes``: a success ends the logical call (a LIST page), so it counts as the
+        store answering; an object's GET only counts once its body is read whole.
+        """
+        state = state if state is not None else _Call()
         while True:
             try:
-                return await call()
+                result = await call()
             except Exception as exc:
                 fault, _, _ = fault_of(exc)
                 if fault is not Fault.TRANSIENT:
+                    self._answers += 1  # a definite answer (AccessDenied, 412...): it is up
                     if fault is Fault.CHANGED:
                         self._counts["changed_objects"] += 1
                     raise self._error(exc, url=url, one_object=one_object) from None
-                attempt = await self._backoff(attempt, exc, url=url, one_object=one_object)
+                await self._backoff(state, exc, url=url, one_object=one_object)
+                continue
+            if completes:
+                self._answers += 1
+            return result
 
     async def _backoff(
-        self, attempt: int, exc: BaseException, *, url: str, one_object: bool = True
-    ) -> int:
-        """Sleep before retry ``attempt``; raise the translated error when none is left."""
-        if attempt >= self.options.max_retries:
-            raise self._error(exc, url=url, one_object=one_object) from None
+        self, state: _Call, exc: BaseException, *, url: str, one_object: bool = True
+    ) -> None:
+        """Sleep before the next retry of ``state``; raise the translated error when none is
+        left (an ``S3UnavailableError`` says whether the store answered others meanwhile)."""
+        if state.answers_at_first_failure is None:
+            state.answers_at_first_failure = self._answers
+        if state.attempts >= self.options.max_retries:
+            err = self._error(exc, url=url, one_object=one_object)
+            if isinstance(err, S3UnavailableError):
+                err.isolated = self._answers > state.answers_at_first_failure
+            raise err from None
         _, code, status = fault_of(exc)
-        delay = full_jitter(attempt, base=self.options.retry_base, cap=self.options.retry_cap,
-                            rng=self._rng)
+        delay = full_jitter(state.attempts, base=self.options.retry_base,
+                            cap=self.options.retry_cap, rng=self._rng)
         self._counts["retries"] += 1
-        log.debug("s3_retry", url=url, error=code, http_status=status, attempt=attempt + 1,
+        state.attempts += 1
+        log.debug("s3_retry", url=url, error=code, http_status=status, attempt=state.attempts,
                   delay_s=round(delay, 3))
         await self._clock.sleep(delay)
-        return attempt + 1
 
     def _error(self, exc: BaseException, *, url: str, one_object: bool = False) -> Exception:
         return to_error(exc, url=url, one_object=one_object, endpoint=self._endpoint
