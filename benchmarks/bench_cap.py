@@ -39,7 +39,6 @@ from common import (
     emulator,
     emulator_flags,
     md_table,
-    percentile,
     print_machine,
     read_output,
     sample_archive,
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = read_output(out)
     cap_rate = ns.cap / mean_l
     throughput = outs.completed / wall
-    p50, p95 = percentile(outs.latencies, 0.5), percentile(outs.latencies, 0.95)
+    p50, p95 = outs.latency(0.5), outs.latency(0.95)
     calls = est["submissions"] + est["polls"]
     r = {
         "folders": ns.folders, "cap": ns.cap, "processing_time": [lo, hi], "mean_L": mean_l,
