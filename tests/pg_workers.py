@@ -156,6 +156,21 @@ class RunDb:
         return self.scalar("SELECT count(*) FROM bulk_engine.rows WHERE state = 'done'")
 
 
+def holding(db: RunDb, worker: WorkerProcess, n: int, *, states: str = "'submitted'",
+            workers: list[WorkerProcess]) -> str:
+    """Until ``worker`` holds at least ``n`` rows in ``states`` (live tokens by default) under a
+    live lease; returns its id in the run."""
+    def held() -> bool:
+        wid = db.worker_id(worker.pid) if db.tables_ready() else None
+        return wid is not None and len(db.held(wid, states)) >= n
+
+    wait_until(held, timeout=60, what=f"worker {worker.tag} to hold {n} rows in {states}",
+               workers=workers)
+    wid = db.worker_id(worker.pid)
+    assert wid is not None
+    return wid
+
+
 def wait_until(cond: Any, *, timeout: float, what: str,
                workers: list[WorkerProcess] | None = None) -> None:
     """Bounded polling; on a timeout, the workers' log tails are in the message."""

@@ -29,6 +29,7 @@ from pg_workers import (
     assert_one_right_line_per_row,
     emulator,
     finish,
+    holding,
     started,
     wait_until,
 )
@@ -53,13 +54,9 @@ def test_three_workers_two_keys_a_kill_a_pause_and_a_database_restart(
         a, b, c = workers
         try:
             started(workers)
-            wait_until(lambda: len(db.held(db.worker_id(c.pid) or "-")) >= 2, timeout=60,
-                       what="worker c to hold live tokens", workers=workers)
+            holding(db, c, 2, workers=workers)
             c.kill()
-            b_id = db.worker_id(b.pid)
-            assert b_id is not None
-            wait_until(lambda: len(db.held(b_id, "'submitting', 'submitted'")) >= 2, timeout=60,
-                       what="worker b to hold rows", workers=workers)
+            b_id = holding(db, b, 2, states="'submitting', 'submitted'", workers=workers)
             b.stop()
             held = db.held(b_id, "'pending', 'submitting', 'submitted'")
             wait_until(lambda: db.taken_from(b_id, held), timeout=60,

@@ -53,6 +53,7 @@ from pg_workers import (
     cli,
     emulator,
     finish,
+    holding,
     started,
     wait_until,
 )
@@ -247,11 +248,7 @@ def test_a_killed_workers_rows_are_taken_over_and_its_tokens_polled_not_resubmit
                                env=env)
         workers = [victim]
         try:
-            wait_until(lambda: db.tables_ready() and (wid := db.worker_id(victim.pid)) is not None
-                       and len(db.held(wid)) >= 3, timeout=60, what="the victim holds tokens",
-                       workers=workers)
-            wid = db.worker_id(victim.pid)
-            assert wid is not None
+            wid = holding(db, victim, 3, workers=workers)
             tokens = db.held(wid)
             survivor = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS,
                                      tag="survivor", env=env)
@@ -282,11 +279,7 @@ def test_a_worker_paused_past_its_lease_has_its_late_writes_refused(
                                env=env)
         workers = [paused]
         try:
-            wait_until(lambda: db.tables_ready() and (wid := db.worker_id(paused.pid)) is not None
-                       and len(db.held(wid)) >= 3, timeout=60, what="the worker holds tokens",
-                       workers=workers)
-            wid = db.worker_id(paused.pid)
-            assert wid is not None
+            wid = holding(db, paused, 3, workers=workers)
             paused.stop()
             held = db.held(wid, "'pending', 'submitting', 'submitted'")
             other = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="other",
@@ -318,13 +311,10 @@ def test_a_worker_stopped_by_sigterm_gives_its_rows_back_at_once(
                               env={"BULK_ENGINE_LEASE": "60"})
         workers = [first]
         try:
-            wait_until(lambda: db.tables_ready() and (wid := db.worker_id(first.pid)) is not None
-                       and len(db.held(wid)) >= 3, timeout=60, what="the worker holds tokens",
-                       workers=workers)
+            wid = holding(db, first, 3, workers=workers)
             first.proc.send_signal(signal.SIGTERM)
             assert first.wait(30) == 143
-            wid = db.worker_id(first.pid)
-            assert wid is not None and db.held(wid, "'pending', 'submitting', 'submitted'") == []
+            assert db.held(wid, "'pending', 'submitting', 'submitted'") == []
             second = WorkerProcess(manifest, pg_dsn, emu.base_url, *WORKER_FLAGS, tag="second",
                                    env={"BULK_ENGINE_LEASE": "60"})
             workers.append(second)
