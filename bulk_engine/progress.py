@@ -36,6 +36,10 @@ from bulk_engine.s3.url import S3Url
 from bulk_engine.stats import LiveCounters
 
 if TYPE_CHECKING:
+    from bulk_engine.ratelimit import RateLimiterStatistics
+    from bulk_engine.tuning import WindowStatistics
+
+if TYPE_CHECKING:
     from bulk_engine.config import Settings
 
 __all__ = [
@@ -46,6 +50,8 @@ __all__ = [
     "ProgressModel",
     "RateWindow",
     "RowCounter",
+    "describe_rate",
+    "describe_window",
     "eta_seconds",
     "fmt_bytes",
     "fmt_duration",
@@ -100,6 +106,26 @@ def eta_seconds(remaining: int | None, rate: float | None) -> float | None:
     return remaining / rate
 
 
+def describe_window(w: WindowStatistics) -> str:
+    """The outstanding window in a few words: ``11 (learned; cap ~10)``, ``20 (probing)``."""
+    if w.phase == "fixed":
+        return f"{w.limit} (fixed)"
+    if w.phase == "settled" and w.baseline_s is not None:
+        cap = max(1, round(w.limit - w.queue_estimate))
+        return f"{w.limit} (learned; cap ~{cap})"
+    return f"{w.limit} ({w.phase})"
+
+
+def describe_rate(r: RateLimiterStatistics) -> str:
+    """The rate in a few words: ``23.5/s (probing)``, ``10/s (fixed)``."""
+    if r.mode == "fixed":
+        slowed = r.ceiling is not None and r.rate < r.ceiling - 0.05
+        why = f", slowed from {r.ceiling:g} after 429s" if slowed else ""
+        return f"{r.rate:.3g}/s (fixed{why})"
+    est = f"; limit ~{r.limit_estimate:.3g}/s" if r.limit_estimate else ""
+    return f"{r.rate:.3g}/s ({r.phase}{est})"
+
+
 def fmt_duration(sec: float | None) -> str:
     """``1h05m``, ``4m07s``, ``12s``; ``—`` when unknown."""
     if sec is None:
@@ -143,10 +169,13 @@ class ProgressModel:
         default_factory=lambda: RateWindow(CALL_WINDOW_S, min_span=MIN_SPAN_S))
 
     def snapshot(self, now: float, c: LiveCounters, stats: _ClientStats | None,
-                 current_rate: float, *, api: str = "ok") -> dict[str, Any]:
+                 current_rate: float, *, api: str = "ok", window: str | None = None,
+                 rate: str | None = None) -> dict[str, Any]:
         """One tick: the figures as a flat dict (also the fields of the status log line).
 
-        ``api`` is ``ApiHealth.statistics().describe()``: ``ok`` or ``unhealthy since ...``.
+        ``api`` is ``ApiHealth.statistics().describe()``: ``ok`` or ``unhealthy since ...``;
+        ``window`` and ``rate`` what the self-tuning found (:func:`describe_window`,
+        :func:`describe_rate`), when known.
         """
         if self.started is None:
             self.started = now
@@ -178,6 +207,8 @@ class ProgressModel:
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(eta) if eta is not None else None,
             "api": api,
+            "window": window,
+            "rate": rate,
         }
 
 
@@ -194,7 +225,7 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
                                 "throttled_429", "retries", "bytes_uploaded", "stuck", "elapsed_s",
-                                "eta_s", "api")},
+                                "eta_s", "api", "window", "rate")},
         "eta": fmt_duration(snap["eta_s"]),
     }
 
@@ -233,7 +264,11 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
     conf = snap["rate_limit_configured"]
     if conf is not None and abs(conf - snap["rate_limit"]) > 0.05:
         text += f" [yellow](slowed from {conf:g} after 429s)[/]"
+    if snap.get("rate"):
+        text = f"{'—' if calls is None else f'{calls:g}'} · rate {snap['rate']}"
     t.add_row("API calls/s", text)
+    if snap.get("window"):
+        t.add_row("window", snap["window"])
     t.add_row("429s · retries", f"{snap['throttled_429']} · {snap['retries']}")
     if snap.get("api", "ok") != "ok":
         t.add_row("API", f"[yellow]{snap['api']}[/]")
@@ -379,8 +414,12 @@ async def show_progress(
     def snap() -> dict[str, Any]:
         stats = engine.client.stats if engine.client is not None else None
         health = getattr(engine, "health", None)  # an engine has one; a bare source may not
+        figures = getattr(engine, "statistics", None)  # an engine has them; a bare source not
+        run = figures() if figures is not None else None
         return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate,
-                              api=health.statistics().describe() if health is not None else "ok")
+                              api=health.statistics().describe() if health is not None else "ok",
+                              window=describe_window(run.window) if run and run.window else None,
+                              rate=describe_rate(run.limiter) if run and run.limiter else None)
 
     async with anyio.create_task_group() as tg:
         if total_rows is None and counter is not None:
