@@ -15,8 +15,7 @@ knowing the limit), the **429 share** of the auto run's calls (counted by the em
 the auto rate ended and what it estimated, polls per folder. Targets: efficiency >= 0.9 and
 429s <= 2 % of calls for every R. Exit 0 when met, 3 if not.
 
-Until the engine wires ``--rate-limit auto``, the auto run swaps ``RateLimiter.auto`` into
-the engine's public ``limiter`` attribute before ``run()``: see ``AUTO_SETTINGS``.
+The auto run is the engine with ``--rate-limit auto`` (``AUTO_SETTINGS``, the default).
 """
 
 from __future__ import annotations
@@ -45,13 +44,9 @@ from common import (
 from bulk_engine.config import Settings
 from bulk_engine.engine import Engine
 from bulk_engine.logs import configure_logging
-from bulk_engine.ratelimit import RateLimiter
 
-# ---- AUTO_SETTINGS: the place for --rate-limit auto ----------------------------------------------
-# Once engine.py wires the auto rate (RateLimiter.auto, issue 12), put the settings that select
-# it here, e.g. {"rate_limit": "auto"} (whatever form the config takes), and the auto run will
-# use them instead of swapping the limiter in (see auto_engine below).
-AUTO_SETTINGS: dict[str, Any] = {}
+# The auto arm: --rate-limit auto (Settings.rate_limit None), the engine's default.
+AUTO_SETTINGS: dict[str, Any] = {"rate_limit": None}  # None: auto
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,14 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def auto_engine(settings: Settings, manifest: Path) -> Engine:
-    """An engine whose rate is found, not given (see ``AUTO_SETTINGS``)."""
-    if AUTO_SETTINGS:
-        return Engine(settings.replace(**AUTO_SETTINGS), manifest)
-    engine = Engine(settings, manifest)
-    # Not wired yet: the engine builds RateLimiter(rate_limit) in __init__ and hands
-    # self.limiter to its client in run(); an auto limiter put there is used for every call.
-    engine.limiter = RateLimiter.auto(settings.burst, clock=engine.clock)
-    return engine
+    """An engine whose rate is found, not given (``AUTO_SETTINGS``)."""
+    return Engine(settings.replace(**AUTO_SETTINGS), manifest)
 
 
 async def run_engine(engine: Engine) -> tuple[float, Any, list[Any]]:
@@ -150,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     mach = print_machine()
     print(f"emulator: --rate-limit R --burst {ns.burst} --processing-time {ns.processing_time} "
           f"(no parallel-analysis cap); engine: hand --rate-limit R, auto "
-          f"{AUTO_SETTINGS or 'RateLimiter.auto swapped in (not wired yet)'}; --concurrency "
+          f"--rate-limit auto; --concurrency "
           f"{ns.concurrency}\n")
     results = []
     with workdir(ns.workdir, "bench-autorate-") as work:

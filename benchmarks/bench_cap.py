@@ -3,13 +3,15 @@
 The emulator (its own process) runs at most ``--cap`` analyses at once for the key (10, as the
 API documents) and queues the rest, each analysis lasting a uniform MIN..MAX seconds (3-12 s:
 the real API's 30-120 s scaled down ten times, like the polls, 1-3 s for 10-30 s). No rate
-limit at the emulator. The engine runs in this process with its defaults (``--rate-limit``
-10, ``--max-outstanding`` 2000) and polls scaled the same way. Optionally the cap changes
+limit at the emulator. The engine runs in this process with its defaults (``--rate-limit
+auto``, the adaptive outstanding window under ``--max-outstanding`` 2000) and polls scaled the
+same way. Optionally the cap changes
 mid-run (``--cap-schedule``: another job on the same key taking slots), through the
 emulator's ``POST /_emulator/limits``.
 
     python benchmarks/bench_cap.py                          # N = 500, cap 10
-    python benchmarks/bench_cap.py --setting max_outstanding=12    # hand-set, for comparison
+    python benchmarks/bench_cap.py --setting adaptive_window=false  # the fixed 2000, for the record
+    python benchmarks/bench_cap.py --setting adaptive_window=false --setting max_outstanding=12
     python benchmarks/bench_cap.py --cap-schedule 120:5,240:10     # cap 10 -> 5 -> 10
 
 Figures: **throughput** (completed rows ÷ wall time of ``Engine.run()``) against cap/L, the
@@ -18,8 +20,8 @@ lines); **p50/p95 latency** (``latency_s`` of the output: from the start of the 
 result) against L; the most analyses the emulator saw running at once; 429s. Targets:
 throughput >= 0.95 cap/L, <= 1.5 polls per folder, p50 <= 1.5 L. Exit 0 when met, 3 if not.
 
-Until the engine wires the adaptive window (``bulk_engine.tuning.OutstandingWindow``), these
-figures are those of today's fixed ``--max-outstanding`` semaphore: see ``WIRED_SETTINGS``.
+The defaults include the adaptive window (``bulk_engine.tuning.OutstandingWindow``);
+``--setting adaptive_window=false`` gives the fixed ``--max-outstanding`` window.
 """
 
 from __future__ import annotations
@@ -50,12 +52,8 @@ from bulk_engine.config import Settings, load_settings
 from bulk_engine.engine import Engine
 from bulk_engine.logs import configure_logging
 
-# ---- WIRED_SETTINGS: the place for the adaptive window -------------------------------------------
-# Once engine.py wires tuning.OutstandingWindow (adaptive by default, --max-outstanding its
-# bound), nothing needs to change here: the defaults are what this benchmark measures. If the
-# wiring puts the adaptive window behind a setting, name it here (e.g. {"window": "adaptive"});
-# every run of this script passes these to Settings, after the script's own values and before
-# --setting overrides.
+# Settings every run passes after the script's own and before --setting: none, the engine's
+# defaults (adaptive window, auto rate) are what this benchmark measures.
 WIRED_SETTINGS: dict[str, Any] = {}
 
 
@@ -161,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"emulator: --max-parallel-analyses {ns.cap} --processing-time "
                   f"{ns.processing_time} (no rate limit)"
                   + (f", cap schedule {ns.cap_schedule}" if schedule else ""))
-            print(f"engine: --rate-limit {settings.rate_limit:g} --max-outstanding "
+            rate = "auto" if settings.rate_limit is None else f"{settings.rate_limit:g}"
+            print(f"engine: --rate-limit {rate} --max-outstanding "
                   f"{settings.max_outstanding} --concurrency {settings.concurrency} --poll-min "
                   f"{settings.poll_min:g} --poll-max {settings.poll_max:g}"
                   + (f"; wired settings {WIRED_SETTINGS}" if WIRED_SETTINGS else "")

@@ -50,7 +50,7 @@ class Cell:
     """One grid point and what it measured."""
 
     processing: str
-    rate: float
+    rate: float | None  # None: --rate-limit auto (the engine's default), beside the grid
     concurrency: int
     wall_s: float = 0.0
     folders_per_s: float = 0.0
@@ -59,6 +59,11 @@ class Cell:
     p50_latency_s: float = 0.0
     completed: int = 0
     folders: int = 0
+    found: str = ""  # auto cells: the rate and window the engine found
+
+    @property
+    def rate_text(self) -> str:
+        return "auto" if self.rate is None else f"{self.rate:g}"
 
 
 def _processing(text: str) -> tuple[float, float]:
@@ -86,6 +91,7 @@ async def _run_engine(ns: argparse.Namespace, cell: Cell, base_url: str, manifes
         base_url=base_url, api_key=BENCH_KEY, output=out, concurrency=cell.concurrency,
         rate_limit=cell.rate, burst=ns.burst, poll_min=poll_min, poll_max=poll_max,
         progress=False, seed=1, log_level="warning", max_failure_rate=1.0,
+        stats_json=Path(f"{out}.stats.json"),
         **({"max_outstanding": ns.max_outstanding} if ns.max_outstanding else {}),
     )
     t0 = time.perf_counter()
@@ -108,8 +114,8 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path,
              "--max-parallel-analyses", str(ns.max_parallel_analyses),
              "--rate-limit", f"{ns.rate_limit:g}", "--burst", str(ns.server_burst),
              "--seed", "1"]
-    out = work / f"cell-{cell.processing}-{cell.rate:g}-{cell.concurrency}.jsonl"
-    for stale in (out, Path(f"{out}.journal")):
+    out = work / f"cell-{cell.processing}-{cell.rate_text}-{cell.concurrency}.jsonl"
+    for stale in (out, Path(f"{out}.journal"), Path(f"{out}.stats.json")):
         stale.unlink(missing_ok=True)
     with emulator_process(flags, api_keys=BENCH_KEY, log_path=work / "emulator.log") as emu:
         wall, code = asyncio.run(_run_engine(ns, cell, emu.base_url, manifest, out, console))
@@ -122,7 +128,22 @@ def run_cell(ns: argparse.Namespace, cell: Cell, manifest: Path, work: Path,
     cell.polls_per_folder = round(summary.polls / max(cell.folders, 1), 3)
     cell.throttled_429 = int(stats.get("rate_limited", 0))
     cell.p50_latency_s = round(summary.latency.quantile(0.5) or 0.0, 2)
+    if cell.rate is None:
+        cell.found = _found(Path(f"{out}.stats.json"))
     return code
+
+
+def _found(stats_json: Path) -> str:
+    """What an auto cell's engine found: its final rate and window (from --stats-json)."""
+    try:
+        live = json.loads(stats_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    rate, window = live.get("rate") or {}, live.get("window") or {}
+    est = rate.get("limit_estimate")
+    return (f"rate {rate.get('calls_per_s')}/s ({rate.get('phase')}"
+            + (f", limit ~{est}/s" if est else "") + f"), window {window.get('limit')} "
+            f"({window.get('phase')})")
 
 
 # ---- the sweep, its table, plot and recommendation ----------------------------------------------
@@ -203,13 +224,14 @@ def recommend(cells: list[Cell], key_rate: float, tolerance: float) -> list[dict
     """
     out = []
     for processing in dict.fromkeys(c.processing for c in cells):
-        group = [c for c in cells if c.processing == processing and c.completed == c.folders]
+        group = [c for c in cells if c.processing == processing and c.completed == c.folders
+                 and c.rate is not None]
         if not group:
             continue
         best = max(group, key=lambda c: c.folders_per_s)
         good = [c for c in group if c.folders_per_s >= (1 - tolerance) * best.folders_per_s
-                and c.rate <= key_rate * (1 + 1e-9)]
-        pick = min(good, key=lambda c: (c.rate, c.concurrency)) if good else best
+                and (c.rate or 0.0) <= key_rate * (1 + 1e-9)]
+        pick = min(good, key=lambda c: (c.rate or 0.0, c.concurrency)) if good else best
         out.append({"processing_time": processing, "best_folders_per_s": best.folders_per_s,
                     "best": {"rate": best.rate, "concurrency": best.concurrency},
                     "recommended": {"rate": pick.rate, "concurrency": pick.concurrency,
@@ -229,7 +251,7 @@ def plot(cells: list[Cell], path: Path, key_rate: float) -> str:
     groups = list(dict.fromkeys(c.processing for c in cells))
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, processing in zip(axes[0], groups, strict=True):
-        for rate in sorted({c.rate for c in cells}):
+        for rate in sorted({c.rate for c in cells if c.rate is not None}):
             pts = sorted((c.concurrency, c.folders_per_s) for c in cells
                          if c.processing == processing and c.rate == rate)
             style = "-" if rate <= key_rate else ":"
@@ -274,7 +296,11 @@ def run(ns: argparse.Namespace) -> ExitCode:
     configure_logging(level="error", fmt="console")
     processings: list[str] = ns.processing_time
     rates = ns.rates or [round(ns.rate_limit * f, 3) for f in (0.5, 0.75, 1.0, 1.25)]
-    grid = [Cell(p, r, c) for p in processings for r in rates for c in ns.concurrency]
+    grid: list[Cell] = [Cell(p, r, c) for p in processings for r in rates
+                        for c in ns.concurrency]
+    # Beside the grid, what the defaults find on their own (--rate-limit auto, the adaptive
+    # window), at the largest concurrency of the sweep.
+    auto = [Cell(p, None, max(ns.concurrency)) for p in processings]
     console.print(
         f"emulator: --rate-limit {ns.rate_limit:g} --burst {ns.server_burst} "
         f"--max-parallel-analyses {ns.max_parallel_analyses}; {len(grid)} cells of "
@@ -283,20 +309,23 @@ def run(ns: argparse.Namespace) -> ExitCode:
         f"{', '.join(map(str, ns.concurrency))})"
     )
     stopped: ExitCode | None = None
-    total = len(grid)
+    total = len(grid) + len(auto)
     with contextlib.ExitStack() as stack:
         work = ns.dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         work.mkdir(parents=True, exist_ok=True)
         manifest = make_sample_archive(work / "archive", ns.folders, seed=1)
-        for i, cell in enumerate(grid, 1):
+        cells = grid + auto
+        for i, cell in enumerate(cells, 1):
             code = run_cell(ns, cell, manifest, work, errors)
             if code in (ExitCode.INTERRUPTED, ExitCode.TERMINATED):
                 stopped = code
-                grid = grid[:i - 1]  # the interrupted cell measured nothing
-                console.print(f"interrupted: {len(grid)} of {total} cells measured")
+                measured = cells[:i - 1]  # the interrupted cell measured nothing
+                grid = [c for c in grid if c in measured]
+                auto = [c for c in auto if c in measured]
+                console.print(f"interrupted: {len(measured)} of {total} cells measured")
                 break
             console.print(
-                f"[{i}/{total}] processing {cell.processing} rate {cell.rate:g} "
+                f"[{i}/{total}] processing {cell.processing} rate {cell.rate_text} "
                 f"concurrency {cell.concurrency}: {cell.folders_per_s:.2f} folders/s, "
                 f"{cell.polls_per_folder:.2f} polls/folder, {cell.throttled_429} × 429"
             )
@@ -312,7 +341,7 @@ def run(ns: argparse.Namespace) -> ExitCode:
     for c in grid:
         best = best_by.get(c.processing) or 0
         mark = " ◀" if (c.processing, c.rate, c.concurrency) in picked else ""
-        table.add_row(c.processing, f"{c.rate:g}", str(c.concurrency), f"{c.wall_s:.1f}",
+        table.add_row(c.processing, c.rate_text, str(c.concurrency), f"{c.wall_s:.1f}",
                       f"{c.folders_per_s:.2f}{mark}",
                       f"{100 * c.folders_per_s / best:.0f} %" if best else "—",
                       f"{c.polls_per_folder:.2f}", str(c.throttled_429), f"{c.p50_latency_s:.2f}",
@@ -320,6 +349,11 @@ def run(ns: argparse.Namespace) -> ExitCode:
     console.print(table)
     if not ns.no_plot and grid:
         console.print(plot(grid, ns.plot, ns.rate_limit))
+    for c in auto:
+        console.print(f"processing {c.processing} s, defaults (--rate-limit auto, adaptive "
+                      f"window), concurrency {c.concurrency}: {c.folders_per_s:.2f} folders/s, "
+                      f"{c.polls_per_folder:.2f} polls/folder, {c.throttled_429} × 429; found "
+                      f"{c.found or '—'}")
     for r in recs:
         rec = r["recommended"]
         poll_min, poll_max = _poll_bounds(ns, r["processing_time"])
@@ -332,9 +366,10 @@ def run(ns: argparse.Namespace) -> ExitCode:
         )
     if ns.json is not None:
         ns.json.write_text(json.dumps({"cells": [asdict(c) for c in grid],
+                                       "auto": [asdict(c) for c in auto],
                                        "recommendations": recs}, indent=2) + "\n")
         console.print(f"saved {ns.json}")
     if stopped is not None:
         return stopped
-    return (ExitCode.OK if all(c.completed == c.folders for c in grid)
+    return (ExitCode.OK if all(c.completed == c.folders for c in grid + auto)
             else ExitCode.SOME_FAILED)

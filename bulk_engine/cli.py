@@ -145,12 +145,17 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     a("--journal", type=Path, help="journal path (default OUTPUT.journal)")
     a("--config", type=Path, help="TOML settings file (see config/default.toml)")
     a("--concurrency", type=int, help="uploads in flight (default 8)")
-    a("--rate-limit", type=float, help="API calls per second, all endpoints together (default 10)")
+    a("--rate-limit", metavar="auto|R",
+      help="API calls per second, all endpoints together: auto (default) finds the key's rate "
+           "from its 429s; a number is a hard, fixed ceiling")
     a("--burst", type=int, help="calls allowed at once above the steady rate (default 10)")
     a("--poll-min", type=float, help="shortest wait between polls of a token, s (default 10)")
     a("--poll-max", type=float, help="longest wait between polls of a token, s (default 30)")
     a("--max-outstanding", type=int,
-      help="submitted folders not yet retrieved, at most (default 2000)")
+      help="submitted folders not yet retrieved, at most (default 2000); the window adapts "
+           "to the API's parallel capacity below it")
+    a("--fixed-window", dest="adaptive_window", action="store_false", default=None,
+      help="keep the outstanding window at --max-outstanding (no adaptation)")
     a("--mode", choices=("async", "sync", "auto"), help="submission mode (default async)")
     a("--analyse-type", help="comma-separated: decision, explanation, share_link")
     a("--use-case", help="use case sent with every folder (default rental)")

@@ -67,11 +67,12 @@ class Settings:
     output: Path = Path("results.jsonl")
     journal: Path | None = None  # default: <output>.journal
     concurrency: int = 8
-    rate_limit: float = 10.0
+    rate_limit: float | None = None  # None: auto (the engine finds the key's rate)
     burst: int = 10
     poll_min: float = 10.0
     poll_max: float = 30.0
     max_outstanding: int = 2000
+    adaptive_window: bool = True  # the outstanding window adapts below max_outstanding
     mode: str = "async"
     analyse_type: tuple[str, ...] = ("decision",)
     use_case: str = "rental"
@@ -134,8 +135,10 @@ class Settings:
                  "api_key starts or ends with spaces (the key is not shown); remove them")
         need(self.concurrency >= 1, "concurrency",
              f"concurrency must be at least 1, got {self.concurrency}")
-        need(math.isfinite(self.rate_limit) and self.rate_limit > 0, "rate_limit",
-             f"rate_limit must be a positive number of calls per second, got {self.rate_limit}")
+        need(self.rate_limit is None
+             or (math.isfinite(self.rate_limit) and self.rate_limit > 0), "rate_limit",
+             f"rate_limit must be a positive number of calls per second, got "
+             f"{self.rate_limit} (or 'auto': found at run time)")
         need(self.burst >= 1, "burst", f"burst must be at least 1, got {self.burst}")
         need(math.isfinite(self.poll_min) and self.poll_min > 0, "poll_min",
              f"poll_min must be a positive number of seconds, got {self.poll_min}")
@@ -248,6 +251,8 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
     try:
         if value is None:
             return None
+        if name == "rate_limit" and isinstance(value, str) and value.strip().lower() == "auto":
+            return None  # auto: found at run time (a number is a hard ceiling)
         if "Path" in typ:
             if not isinstance(value, (str, os.PathLike, S3Url)) or not str(value).strip():
                 raise ValueError(value)
@@ -278,17 +283,19 @@ def _coerce(name: str, value: Any, source: str = "") -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(str(value).strip()) if isinstance(value, str) else int(value)
-        if typ == "float":
+        if typ in ("float", "float | None"):
             return float(value)
         if not isinstance(value, str):
             raise ValueError(value)
         return value
     except (TypeError, ValueError, OverflowError):
-        kind = {"int": "a whole number", "int | None": "a whole number", "float": "a number",
-                "bool": "true or false"}.get(typ, "a path" if "Path" in typ else
-                                              "a list of names" if "tuple" in typ else "text")
+        kinds = {"int": "a whole number", "int | None": "a whole number", "float": "a number",
+                 "float | None": "a number", "bool": "true or false"}
+        kind = kinds.get(typ, "a path" if "Path" in typ else
+                         "a list of names" if "tuple" in typ else "text")
         shown = "a value that is not text (not shown)" if name == "api_key" else repr(value)
-        raise ConfigError(f"setting {name}: expected {kind}, got {shown}{where}") from None
+        also = "; or 'auto'" if name == "rate_limit" else ""
+        raise ConfigError(f"setting {name}: expected {kind}, got {shown}{where}{also}") from None
 
 
 def _s3_url(name: str, value: str, where: str) -> S3Url:

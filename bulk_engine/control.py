@@ -224,26 +224,10 @@ def _check_limit(value: int) -> int:
 # ---- the rate limiter -----------------------------------------------------------------------
 
 
-def retune_limiter(limiter: RateLimiter, *, rate: float, burst: int) -> None:
-    """Give the run's limiter a new ceiling and burst, effective now.
-
-    The current rate (below the ceiling after 429s) keeps its ratio to the ceiling, so a run
-    slowed by the API stays slowed and recovers towards the new ceiling; the floor of the
-    adaptation moves with it. Tokens earned so far count at the old rate.
-
-    This reaches into ``RateLimiter``'s state (``_refill``, ``_current``, ``_tokens``):
-    ``ratelimit.py`` belongs to the self-tuning work, and a public ``reconfigure`` there
-    should replace this function when the two meet (``tests/test_control.py`` pins the
-    behaviour).
-    """
-    now = limiter._clock.now()
-    limiter._refill(now)
-    scale = rate / limiter.rate
-    limiter.min_rate = min(rate, limiter.min_rate * scale)
-    limiter._current = min(float(rate), limiter._current * scale)
-    limiter.rate = float(rate)
-    limiter.burst = int(burst)
-    limiter._tokens = min(limiter._tokens, float(burst))
+def retune_limiter(limiter: RateLimiter, *, rate: float | None, burst: int) -> None:
+    """Give the run's limiter a new ceiling and burst, effective now
+    (``RateLimiter.reconfigure``: a run slowed by 429s stays slowed in proportion)."""
+    limiter.reconfigure(rate=rate, burst=burst)
 
 
 # ---- SIGHUP and SIGUSR1 ---------------------------------------------------------------------

@@ -8,7 +8,9 @@ decision lives.
                    └─ bad rows ───────────────────────┴─▶ Finisher ◀─────┘
                                                             │
                                                  [stream] ──▶ ResultWriter ─▶ results.jsonl
-                one RateLimiter and one ApiHealth for every API call (CaseClient)
+                one RateLimiter (auto: it finds the key's rate) and one ApiHealth for every
+                API call (CaseClient); one OutstandingWindow (adaptive: it finds the API's
+                parallel capacity) between the producer and the API
                 Journal (SQLite): submitting / submitted+token / done, for crash-safe resume
                 S3Access: the S3 client of s3:// folders, opened when a row first needs it
 
@@ -38,7 +40,6 @@ from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.config import Settings
 from bulk_engine.control import (
     ControlStatistics,
-    OutstandingSlots,
     SubmitGate,
     changed_settings,
     retune_limiter,
@@ -48,13 +49,14 @@ from bulk_engine.errors import AuthError, BulkEngineError, ConfigError, first_er
 from bulk_engine.finisher import Finisher, FinisherStatistics
 from bulk_engine.health import ApiHealth, HealthStatistics
 from bulk_engine.journal import Journal, settings_fingerprint, settings_summary
+from bulk_engine.learned import LearnedLimits
 from bulk_engine.logs import get_logger
 from bulk_engine.manifest import ProducerStats, check_manifest
 from bulk_engine.models import Outcome, Ticket
 from bulk_engine.policy import MassFailureWindow
 from bulk_engine.poller import Poller
 from bulk_engine.producer import Producer, ProducerStatistics
-from bulk_engine.ratelimit import RateLimiter
+from bulk_engine.ratelimit import RateLimiter, RateLimiterStatistics
 from bulk_engine.s3.access import S3Access, bind_store
 from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollPolicy, PollScheduler
@@ -62,6 +64,13 @@ from bulk_engine.startup import StartupReport, prepare_output
 from bulk_engine.stats import LiveCounters, Summary
 from bulk_engine.stuck import StuckStatistics, StuckWatch
 from bulk_engine.submitter import Submitter, SubmitterStatistics
+from bulk_engine.tuning import (
+    OutstandingWindow,
+    RateController,
+    TuningSnapshot,
+    WindowController,
+    WindowStatistics,
+)
 from bulk_engine.vocab import ExitCode, Status
 from bulk_engine.writer import OutputLock, ReconcileReport, ResultWriter
 
@@ -99,6 +108,26 @@ class RunStatistics:
     control: ControlStatistics = field(default_factory=ControlStatistics)  # pause, drain, tunables
     stuck: StuckStatistics = field(default_factory=StuckStatistics)  # and the oldest token
     s3: S3Stats | None = None  # the S3 source's counters, when a row needed a bucket
+    window: WindowStatistics | None = None  # the outstanding window (None before the run)
+    limiter: RateLimiterStatistics | None = None  # the rate: fixed or auto, what it learned
+
+    def tuning(self) -> dict[str, Any]:
+        """What the self-tuning found: the window and the rate (the summary's ``window`` and
+        ``rate``, the panel's lines)."""
+        out: dict[str, Any] = {}
+        if self.window is not None:
+            w = self.window
+            out["window"] = {
+                "limit": w.limit, "max": w.max_outstanding, "phase": w.phase,
+                "in_use": w.in_use, "queue_estimate": round(w.queue_estimate, 2),
+                "baseline_s": w.baseline_s, "observations": w.observations}
+        if self.limiter is not None:
+            r = self.limiter
+            out["rate"] = {
+                "mode": r.mode, "calls_per_s": round(r.rate, 2), "ceiling": r.ceiling,
+                "phase": r.phase, "limit_estimate":
+                    None if r.limit_estimate is None else round(r.limit_estimate, 2)}
+        return out
 
     def counters(self) -> LiveCounters:
         """The figures of the live panel."""
@@ -124,6 +153,7 @@ class RunStatistics:
             "stuck_analyses": self.stuck.reported, "rows_withdrawn": self.finisher.withdrawn,
             **({f"s3_{k}": v for k, v in dataclasses.asdict(self.s3).items()}
                if self.s3 is not None else {}),
+            **self.tuning(),
         }
 
 
@@ -151,7 +181,7 @@ class _Stages:
     producer: Producer
     writer: ResultWriter
     outcomes: MemoryObjectReceiveStream[Outcome]
-    outstanding: OutstandingSlots
+    outstanding: OutstandingWindow
     mass_failure: MassFailureWindow
     stuck: StuckWatch
 
@@ -175,9 +205,8 @@ class Engine:
         self.clock = clock or MonotonicClock()
         self.rng = rng or random.Random(settings.seed)
         self.summary = Summary()
-        # Start at the steady rate, not with a burst: see RateLimiter's ``initial_tokens``.
-        self.limiter = RateLimiter(settings.rate_limit, settings.burst, clock=self.clock,
-                                   initial_tokens=1.0)
+        self.limiter = self._new_limiter(settings)
+        self._learned: TuningSnapshot | None = None  # loaded at the start of run()
         self.health = ApiHealth(self.clock, outage_after=settings.outage_after)
         self.client: CaseClient | None = None
         self.s3: S3Access | None = None  # the run's S3 access (buckets), while it runs
@@ -264,7 +293,8 @@ class Engine:
                 "settings": tunable_values(self.settings)}
 
     def outstanding_limit(self) -> int:
-        """The outstanding window's bound now (``max_outstanding`` unless changed live)."""
+        """The outstanding window's limit now (adaptive: what it learned, at most
+        ``max_outstanding``)."""
         st = self._stages_
         return st.outstanding.limit if st is not None else self.settings.max_outstanding
 
@@ -279,7 +309,7 @@ class Engine:
                 break
         policy = st.scheduler.policy
         policy.poll_min, policy.poll_max = new.poll_min, new.poll_max
-        st.outstanding.set_limit(new.max_outstanding)
+        st.outstanding.set_max_outstanding(new.max_outstanding)
         st.mass_failure.retune(new.failure_window, new.max_failure_rate)
         st.stuck.factor = new.stuck_factor
 
@@ -310,6 +340,8 @@ class Engine:
             stuck=(st.stuck.statistics(st.scheduler.outstanding(), self.clock.now()) if st
                    else StuckStatistics()),
             s3=self.s3.statistics() if self.s3 is not None else None,
+            window=st.outstanding.statistics() if st else None,
+            limiter=self.limiter.statistics(),
         )
 
     @property
@@ -339,11 +371,58 @@ class Engine:
                 journal.check_settings(settings_fingerprint(s, source),
                                        summary=settings_summary(s, source))
                 self._startup = prepare_output(s, journal)
-                await self._run_stages(journal)
+                learned = LearnedLimits(s.base_url, key_fingerprint(s.api_key))
+                self._warm_start(learned.load(journal))
+                try:
+                    await self._run_stages(journal)
+                finally:
+                    self._save_learned(learned, journal)
                 self._final_counts = journal.counts()
             finally:
                 journal.close()
         return self._result()
+
+    # ---- self-tuning (tuning.py, learned.py) -------------------------------------------------
+
+    def _new_limiter(self, settings: Settings, controller: RateController | None = None
+                     ) -> RateLimiter:
+        """``--rate-limit auto`` (None): a RateController finds the key's rate from its 429s;
+        a number: a fixed ceiling, with AIMD below it after 429s. Either starts with one token
+        (the server's bucket may be drained already) and saves up at most two in a quiet spell,
+        so a pause never comes back as a burst the server refuses."""
+        if settings.rate_limit is None:
+            return RateLimiter.auto(settings.burst, clock=self.clock, controller=controller)
+        return RateLimiter(settings.rate_limit, settings.burst, clock=self.clock,
+                           initial_tokens=1.0, idle_tokens=min(float(settings.burst), 2.0))
+
+    def _warm_start(self, snapshot: TuningSnapshot | None) -> None:
+        """Start the rate (and, in ``_stages``, the window and the poll policy) from what the
+        last run with this key learned."""
+        self._learned = snapshot
+        if snapshot is not None and self.settings.rate_limit is None:
+            self.limiter = self._new_limiter(self.settings, snapshot.rate_controller())
+
+    def _window(self) -> OutstandingWindow:
+        s = self.settings
+        controller: WindowController | None = None
+        if s.adaptive_window:
+            # Start at the documented cap (10) or below max_outstanding, whichever is lower.
+            bounds: dict[str, Any] = dict(
+                min_limit=min(2, s.max_outstanding), max_limit=s.max_outstanding,
+                initial_limit=min(10, s.max_outstanding), warmup=min(10, s.max_outstanding))
+            controller = (self._learned.window_controller(**bounds)
+                          if self._learned is not None and self._learned.window
+                          else WindowController(**bounds))
+        return OutstandingWindow(max_outstanding=s.max_outstanding, controller=controller,
+                                 clock=self.clock)
+
+    def _save_learned(self, learned: LearnedLimits, journal: Journal) -> None:
+        st = self._stages_
+        window = st.outstanding.controller if st is not None else None
+        rate = self.limiter.controller
+        if window is None and rate is None:
+            return  # nothing adaptive this run
+        learned.save(journal, TuningSnapshot.capture(rate=rate, window=window))
 
     def _stages(self, journal: Journal, client: CaseClient,
                 outcomes: MemoryObjectSendStream[Outcome],
@@ -351,10 +430,12 @@ class Engine:
         """Every object of the run, created in one place."""
         s = self.settings
         backend = SqliteBackend(journal)
-        outstanding = OutstandingSlots(s.max_outstanding)  # resizable: apply_settings
+        outstanding = self._window()  # adaptive, at most max_outstanding (apply_settings)
         mass_failure = MassFailureWindow(s.failure_window, s.max_failure_rate)
         finisher = Finisher(outcomes, outstanding=outstanding, mass_failure=mass_failure)
         policy = PollPolicy(s.poll_min, s.poll_max, rng=self.rng)
+        for lower, upper in self._learned.latency_intervals() if self._learned else ():
+            policy.observe(lower, upper)  # first polls at the learned time, not poll_min
         stuck = StuckWatch(policy, factor=s.stuck_factor)
         # The scheduler calls the poller, which resubmits through the submitter, which hands
         # tokens to the scheduler: the callback is bound to the poller created below.
@@ -363,9 +444,9 @@ class Engine:
                                   on_pending=stuck.check)
         submitter = Submitter(s, client=client, backend=backend, scheduler=scheduler,
                               finisher=finisher, key_fp=key_fingerprint(s.api_key),
-                              clock=self.clock, gate=self.gate)
+                              clock=self.clock, window=outstanding, gate=self.gate)
         poller = Poller(s, client=client, backend=backend, finisher=finisher,
-                        submitter=submitter)
+                        submitter=submitter, clock=self.clock)
         producer = Producer(s, self.manifest, journal=journal, backend=backend,
                             finisher=finisher, scheduler=scheduler, submitter=submitter,
                             outstanding=outstanding, clock=self.clock, s3=self.s3)

@@ -33,7 +33,7 @@ log = get_logger()
 
 
 class SlotReleaser(Protocol):
-    def release(self) -> None: ...
+    def release(self, key: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,23 +75,23 @@ class Finisher:
         Shielded: a result in hand must reach the sink even on Ctrl-C (no hang: a dead sink has
         closed its stream, and the send raises).
         """
-        self._outstanding.release()
+        self._outstanding.release(out.key)
         with anyio.CancelScope(shield=True):
             await self._emit(out)
         # Stop when most recent API rows failed server-side (state saved; rerun resumes).
         self._mass_failure.add(out.error.kind if out.error else None)
 
     def drop(self, key: str) -> None:
-        """A row with an outstanding slot that is no longer this worker's (``RowLost``): its
-        slot is freed, it gets no line from here (its new owner writes it)."""
-        self._outstanding.release()
+        """A row with an outstanding unit that is no longer this worker's (``RowLost``): its
+        unit is given back, it gets no line from here (its new owner writes it)."""
+        self._outstanding.release(key)
         self.dropped += 1
         log.info("row_dropped", key=key, hint="another worker holds this row now")
 
-    def withdrawn(self) -> None:
+    def withdrawn(self, key: str) -> None:
         """A ticket the run will not send (it drains): its slot is freed, it gets no line; its
         journal state is left as it was, so the rerun sends it."""
-        self._outstanding.release()
+        self._outstanding.release(key)
         self._withdrawn += 1
 
     async def _emit(self, out: Outcome) -> None:

@@ -85,6 +85,7 @@ class EngineCollector:
         yield from _api(st)
         yield from _pipeline(st)
         yield from _limiter(eng.limiter)
+        yield from _tuning(st)
         yield _latency(eng.summary.latency)
         yield _polls(eng.summary)
         yield _gauge("bulk_engine_start_time_seconds",
@@ -215,6 +216,27 @@ def _limiter(limiter: _Limiter) -> Iterator[Metric]:
                    limiter.rate_decreases)
     yield _counter("bulk_engine_rate_limit_paused_seconds", "Seconds every call was held by a "
                    "Retry-After.", limiter.paused_seconds_total)
+
+
+def _tuning(st: RunStatistics) -> Iterator[Metric]:
+    """What the self-tuning found (README "Self-tuning")."""
+    r, w = st.limiter, st.window
+    if r is not None:
+        yield _gauge("bulk_engine_rate_limit_auto", "1 when the rate is found at run time "
+                     "(--rate-limit auto), 0 for a fixed ceiling.", float(r.mode == "auto"))
+        if r.limit_estimate is not None:
+            yield _gauge("bulk_engine_rate_limit_estimate_calls_per_second", "The key's rate "
+                         "limit as auto estimated it at its last 429.", r.limit_estimate)
+    if w is not None:
+        yield _gauge("bulk_engine_window_adaptive", "1 while the outstanding window adapts to "
+                     "the API's parallel capacity.", float(w.phase != "fixed"))
+        yield _gauge("bulk_engine_window_queue_estimate_folders", "Folders the window estimates "
+                     "are queued at the API (waiting for a parallel slot).", w.queue_estimate)
+        yield _gauge("bulk_engine_window_queue_delay_seconds", "The queueing delay the window "
+                     "estimates per folder.", w.queue_delay_s)
+        if w.baseline_s is not None:
+            yield _gauge("bulk_engine_window_baseline_seconds", "Mean processing time the "
+                         "window learned (without queueing).", w.baseline_s)
 
 
 def _latency(hist: LatencyHistogram) -> HistogramMetricFamily:

@@ -30,9 +30,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bulk_engine.client import key_fingerprint
 from bulk_engine.config import Settings
 from bulk_engine.errors import BulkEngineError, ConfigError
 from bulk_engine.journal import Journal, JournalReader, settings_fingerprint, settings_summary
+from bulk_engine.learned import LearnedLimits
 from bulk_engine.logs import redact
 from bulk_engine.manifest import ProducerStats
 from bulk_engine.models import BadRow
@@ -78,8 +80,12 @@ class Plan:
         }
 
 
-def estimate(s: Settings, async_rows: int, sync_rows: int, poll_rows: int = 0) -> dict[str, Any]:
+def estimate(s: Settings, async_rows: int, sync_rows: int, poll_rows: int = 0,
+             *, learned_rate: float | None = None) -> dict[str, Any]:
     """A lower bound on the run's duration at the configured limits (pure).
+
+    With ``--rate-limit auto`` the rate is the one learned for this key by an earlier run
+    (``learned_rate``), else unknown: then only the outstanding window bounds the estimate.
 
     Async rows cost one submit and (the scheduler aims at it) one poll: 2 calls; sync rows 1;
     rows resumed with a live token at least one poll. A folder stays outstanding at least
@@ -88,12 +94,14 @@ def estimate(s: Settings, async_rows: int, sync_rows: int, poll_rows: int = 0) -
     with ``python -m bulk_engine bench``.
     """
     calls = 2 * async_rows + sync_rows + poll_rows
-    by_rate = calls / s.rate_limit
+    rate = s.rate_limit if s.rate_limit is not None else learned_rate
+    by_rate = calls / rate if rate else 0.0
     by_outstanding = async_rows * s.poll_min / s.max_outstanding
     seconds = max(by_rate, by_outstanding) + (s.poll_min if async_rows else 0.0)
     bound = "rate_limit" if by_rate >= by_outstanding else "max_outstanding/poll_min"
     return {"api_calls": calls, "estimated_seconds": math.ceil(seconds), "bound_by": bound,
-            "rate_limit": s.rate_limit, "concurrency": s.concurrency,
+            "rate_limit": "auto" if s.rate_limit is None else s.rate_limit,
+            "rate_assumed": rate, "concurrency": s.concurrency,
             "max_outstanding": s.max_outstanding}
 
 
@@ -140,8 +148,17 @@ def make_plan(settings: Settings, manifest: Path | None) -> Plan:
     plan.rows_already_done = stats.rows_skipped_done
     plan.rows_rejected = sum(plan.rejected_by_kind.values())
     plan.estimate = estimate(s, plan.rows_to_submit - plan.sync_rows, plan.sync_rows,
-                             plan.rows_to_poll)
+                             plan.rows_to_poll, learned_rate=_learned_rate(s))
     return plan
+
+
+def _learned_rate(s: Settings) -> float | None:
+    """The rate an earlier run learned for this base URL and key (``learned.py``), if any."""
+    if s.rate_limit is not None or not s.api_key:
+        return None
+    snap = LearnedLimits(s.base_url, key_fingerprint(s.api_key)).load(None)
+    rate = (snap.rate or {}).get("rate") if snap is not None else None
+    return float(rate) if isinstance(rate, int | float) and rate > 0 else None
 
 
 def _open_journal(s: Settings, manifest: Path | None, plan: Plan) -> JournalReader | None:
@@ -252,7 +269,11 @@ def render_plan(plan: Plan, s: Settings, console: Console) -> None:
         t.add_row("S3 requests", f"{plan.s3['list_calls']} LIST (listing only: no object "
                                  "was read)" if not plan.s3["get_calls"] else
                   f"{plan.s3['list_calls']} LIST, {plan.s3['get_calls']} GET")
-    t.add_row("API calls", f"≈ {e['api_calls']} at {s.rate_limit:g} calls/s")
+    rate = e.get("rate_assumed")
+    at = ("at the rate the API allows (auto: found at run time)" if rate is None else
+          f"at {rate:g} calls/s" + (" (learned for this key by an earlier run)"
+                                    if s.rate_limit is None else ""))
+    t.add_row("API calls", f"≈ {e['api_calls']} {at}")
     t.add_row("estimated duration", f"≥ {fmt_duration(e['estimated_seconds'])} "
                                     f"(bound by {e['bound_by'].replace('_', '-')})")
     console.print(t)

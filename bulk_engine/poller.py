@@ -20,6 +20,7 @@ import structlog
 
 from bulk_engine.backend import JournalBackend, RowLost
 from bulk_engine.client import CaseClient
+from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
 from bulk_engine.errors import PermanentError, TransientError
 from bulk_engine.finisher import Finisher
@@ -39,8 +40,10 @@ class Poller:
     """Applies the retrieve policy to each poll of each token."""
 
     def __init__(self, settings: Settings, *, client: CaseClient, backend: JournalBackend,
-                 finisher: Finisher, submitter: Submitter) -> None:
+                 finisher: Finisher, submitter: Submitter, clock: Clock) -> None:
         self.settings = settings
+        self._clock = clock
+        self._window = submitter.window
         self._client = client
         self._backend = backend
         self._finisher = finisher
@@ -72,15 +75,19 @@ class Poller:
         decision = retrieve_decision(answer.status, sub.attempts, self.settings.max_attempts)
         if decision.action is RetrieveAction.AGAIN:
             sub.run_id = answer.run_id or sub.run_id
+            self._window.pending(sub.job.key)
             return PollDecision.AGAIN
         if decision.action is RetrieveAction.COMPLETE:
+            self._learn(sub)
             await self._finish(sub, Status.COMPLETED, result=answer.body)
             return PollDecision.DONE
         assert decision.kind is not None
         if decision.action is RetrieveAction.RESUBMIT:
+            self._window.requeue(sub.job.key)
             self._resubmit(sub, decision.kind)
             return PollDecision.DROP
         if decision.kind == "analysis_failed":
+            self._learn(sub)
             await self._finish(sub, Status.FAILED, error=ErrorInfo(
                 "analysis_failed", f"the API could not analyse this folder: {answer.message}",
                 500))
@@ -89,6 +96,16 @@ class Poller:
             decision.kind, f"retrieve answered {answer.status} ({answer.message}) and the "
             f"attempt budget ({self.settings.max_attempts}) is spent", answer.status))
         return PollDecision.DROP
+
+    def _learn(self, sub: Submitted) -> None:
+        """The folder was found done: tell the window when, as an interval since its 202 —
+        not done at its last 202 poll, done now (a token of an earlier run: age unknown)."""
+        if sub.resumed:
+            return
+        upper = max(0.0, self._clock.now() - sub.submitted_mono)
+        lower = (0.0 if sub.last_pending_mono is None
+                 else min(upper, max(0.0, sub.last_pending_mono - sub.submitted_mono)))
+        self._window.observe(sub.job.key, lower, upper)
 
     def _resubmit(self, sub: Submitted, reason: str) -> None:
         """A dead token: submit the folder again under the next generation (its own task)."""

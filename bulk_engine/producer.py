@@ -9,8 +9,9 @@ Where it sits::
 
 The row stream is read in a worker thread (CSV parsing and folder listing block), in batches,
 through a read-only journal connection that skips rows an earlier run finished before their
-folder is listed. Each new row takes an outstanding slot before it is handed on: at most
-``max_outstanding`` folders are submitted and not yet retrieved. While due polls run more than
+folder is listed. The stream to the submitters is bounded (backpressure); each submitter takes
+a unit of the outstanding window (``tuning.OutstandingWindow``) before it uploads, so at most
+the window's limit of folders are submitted and not yet retrieved. While due polls run more than
 ``MAX_POLL_LATENESS_S`` late (the rate is saturated), no new folder is taken: retrieving results
 inside their 60-minute window comes first.
 
@@ -177,7 +178,6 @@ class Producer:
             attempts, dup = max(rec.attempts, 1), True
         elif rec is not None and rec.state == RowState.PENDING and rec.attempts:
             attempts = rec.attempts + 1
-        await self._outstanding.acquire()
         await send.send(Ticket(item, attempts, dup))
 
     # ---- tokens of an earlier run --------------------------------------------------------------

@@ -40,6 +40,10 @@ from bulk_engine.s3.url import S3Url
 from bulk_engine.stats import LiveCounters, WorkerShare
 
 if TYPE_CHECKING:
+    from bulk_engine.ratelimit import RateLimiterStatistics
+    from bulk_engine.tuning import WindowStatistics
+
+if TYPE_CHECKING:
     from bulk_engine.config import Settings
 
 __all__ = [
@@ -50,6 +54,8 @@ __all__ = [
     "ProgressModel",
     "RateWindow",
     "RowCounter",
+    "describe_rate",
+    "describe_window",
     "eta_seconds",
     "fmt_bytes",
     "fmt_duration",
@@ -104,6 +110,26 @@ def eta_seconds(remaining: int | None, rate: float | None) -> float | None:
     return remaining / rate
 
 
+def describe_window(w: WindowStatistics) -> str:
+    """The outstanding window in a few words: ``11 (learned; cap ~10)``, ``20 (probing)``."""
+    if w.phase == "fixed":
+        return f"{w.limit} (fixed)"
+    if w.phase == "settled" and w.baseline_s is not None:
+        cap = max(1, round(w.limit - w.queue_estimate))
+        return f"{w.limit} (learned; cap ~{cap})"
+    return f"{w.limit} ({w.phase})"
+
+
+def describe_rate(r: RateLimiterStatistics) -> str:
+    """The rate in a few words: ``23.5/s (probing)``, ``10/s (fixed)``."""
+    if r.mode == "fixed":
+        slowed = r.ceiling is not None and r.rate < r.ceiling - 0.05
+        why = f", slowed from {r.ceiling:g} after 429s" if slowed else ""
+        return f"{r.rate:.3g}/s (fixed{why})"
+    est = f"; limit ~{r.limit_estimate:.3g}/s" if r.limit_estimate else ""
+    return f"{r.rate:.3g}/s ({r.phase}{est})"
+
+
 def fmt_duration(sec: float | None) -> str:
     """``1h05m``, ``4m07s``, ``12s``; ``—`` when unknown."""
     if sec is None:
@@ -147,10 +173,13 @@ class ProgressModel:
         default_factory=lambda: RateWindow(CALL_WINDOW_S, min_span=MIN_SPAN_S))
 
     def snapshot(self, now: float, c: LiveCounters, stats: _ClientStats | None,
-                 current_rate: float, *, api: str = "ok") -> dict[str, Any]:
+                 current_rate: float, *, api: str = "ok", window: str | None = None,
+                 rate: str | None = None) -> dict[str, Any]:
         """One tick: the figures as a flat dict (also the fields of the status log line).
 
-        ``api`` is ``ApiHealth.statistics().describe()``: ``ok`` or ``unhealthy since ...``.
+        ``api`` is ``ApiHealth.statistics().describe()``: ``ok`` or ``unhealthy since ...``;
+        ``window`` and ``rate`` what the self-tuning found (:func:`describe_window`,
+        :func:`describe_rate`), when known.
         """
         if self.started is None:
             self.started = now
@@ -186,6 +215,8 @@ class ProgressModel:
             "elapsed_s": round(now - self.started, 1),
             "eta_s": round(eta) if eta is not None else None,
             "api": api,
+            "window": window,
+            "rate": rate,
             **({"run_done": c.run_done, "run_total": c.run_total,
                 "workers": [_share(w) for w in c.workers]} if run_wide else {}),
         }
@@ -218,7 +249,7 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
                                 "throttled_429", "retries", "bytes_uploaded", "stuck", "elapsed_s",
-                                "eta_s", "api")},
+                                "eta_s", "api", "window", "rate")},
         "eta": fmt_duration(snap["eta_s"]),
     }
     if "run_total" in snap:  # --db: the whole run, and each worker's share of it
@@ -266,7 +297,11 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
     conf = snap["rate_limit_configured"]
     if conf is not None and abs(conf - snap["rate_limit"]) > 0.05:
         text += f" [yellow](slowed from {conf:g} after 429s)[/]"
+    if snap.get("rate"):
+        text = f"{'—' if calls is None else f'{calls:g}'} · rate {snap['rate']}"
     t.add_row("API calls/s", text)
+    if snap.get("window"):
+        t.add_row("window", snap["window"])
     t.add_row("429s · retries", f"{snap['throttled_429']} · {snap['retries']}")
     if snap.get("api", "ok") != "ok":
         t.add_row("API", f"[yellow]{snap['api']}[/]")
@@ -412,14 +447,16 @@ async def show_progress(
     def snap() -> dict[str, Any]:
         health = getattr(engine, "health", None)  # an engine has one; a bare source may not
         api = health.statistics().describe() if health is not None else "ok"
-        statistics = getattr(engine, "statistics", None)
-        if statistics is not None:  # an Engine: every figure from its stages' statistics()
-            st = statistics()
-            return model.snapshot(clock.now(), st.counters(), st.client, st.current_rate,
-                                  api=api)
-        stats = engine.client.stats if engine.client is not None else None
-        return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate,
-                              api=api)
+        figures = getattr(engine, "statistics", None)  # an engine has them; a bare source not
+        if figures is None:
+            stats = engine.client.stats if engine.client is not None else None
+            return model.snapshot(clock.now(), engine.counters, stats,
+                                  engine.limiter.current_rate, api=api)
+        run = figures()  # an Engine: every figure from its stages' statistics()
+        return model.snapshot(clock.now(), run.counters(), run.client, run.current_rate,
+                              api=api,
+                              window=describe_window(run.window) if run.window else None,
+                              rate=describe_rate(run.limiter) if run.limiter else None)
 
     async with anyio.create_task_group() as tg:
         if total_rows is None and counter is not None:

@@ -223,6 +223,34 @@ class RateLimiter:
             waiting=self._live,
         )
 
+    def reconfigure(self, *, rate: float | None, burst: int) -> None:
+        """A new ceiling and burst, effective now (``--rate-limit``/``--burst`` changed live).
+
+        A fixed rate's current value (below the ceiling after 429s) keeps its ratio to the
+        ceiling, so a run slowed by the API stays slowed and recovers towards the new ceiling;
+        the adaptation's floor moves with it. ``rate=None`` (auto) keeps an auto limiter's
+        learned rate (a fixed limiter cannot become auto live). Tokens earned so far count at
+        the old rate; saved-up tokens never exceed the new burst.
+        """
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1, got {burst}")
+        now = self._clock.now()
+        self._refill(now)
+        self.burst = int(burst)
+        self.idle_tokens = min(self.idle_tokens, float(burst))
+        self._tokens = min(self._tokens, float(burst))
+        if rate is None:
+            return
+        if self.controller is not None:
+            self.controller.ceiling = rate
+            self.rate = float(rate)
+            self._current = min(self._current, float(rate))
+            return
+        scale = rate / self.rate
+        self.min_rate = min(rate, self.min_rate * scale)
+        self._current = min(float(rate), self._current * scale)
+        self.rate = float(rate)
+
     def stats(self) -> dict[str, float | int]:
         """Counters for the run summary and the benchmarks."""
         return {

@@ -124,8 +124,18 @@ def render_summary(
                                  f"({fmt_bytes(int(summary.get('s3_bytes_read', 0)))} read), "
                                  f"{summary.get('s3_retries', 0)} retries, "
                                  f"{summary.get('s3_changed_objects', 0)} changed objects")
-    if summary.get("final_rate_limit") is not None and summary.get("throttled_429"):
+    rate, window = summary.get("rate"), summary.get("window")
+    if isinstance(rate, dict):
+        est = rate.get("limit_estimate")
+        t.add_row("rate", f"{rate.get('calls_per_s')} calls/s at the end ({rate.get('mode')}"
+                          + (f", {rate.get('phase')}" if rate.get("phase") else "")
+                          + (f"; the key's limit looked like ~{est} calls/s" if est else "") + ")")
+    elif summary.get("final_rate_limit") is not None and summary.get("throttled_429"):
         t.add_row("final rate limit", f"{summary['final_rate_limit']:g} calls/s")
+    if isinstance(window, dict):
+        t.add_row("window", f"{window.get('limit')} folders outstanding at most at the end "
+                            f"({window.get('phase')}; queue ~{window.get('queue_estimate')} at "
+                            f"the API)")
     console.print(t)
 
 

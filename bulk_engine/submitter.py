@@ -51,6 +51,7 @@ from bulk_engine.logs import get_logger, short_token
 from bulk_engine.models import ErrorInfo, Job, Outcome, Submitted, Ticket
 from bulk_engine.rules import goes_sync
 from bulk_engine.scheduler import PollScheduler
+from bulk_engine.tuning import OutstandingWindow
 from bulk_engine.vocab import Status
 
 __all__ = ["Submitter", "SubmitterStatistics", "sent_types"]
@@ -80,7 +81,7 @@ class Submitter:
 
     def __init__(self, settings: Settings, *, client: CaseClient, backend: JournalBackend,
                  scheduler: PollScheduler, finisher: Finisher, key_fp: str, clock: Clock,
-                 gate: SubmitGate | None = None) -> None:
+                 window: OutstandingWindow, gate: SubmitGate | None = None) -> None:
         self.settings = settings
         self._clock = clock
         self._client = client
@@ -88,6 +89,7 @@ class Submitter:
         self._scheduler = scheduler
         self._finisher = finisher
         self._key_fp = key_fp
+        self.window = window  # a unit per folder submitted and not yet retrieved
         self._uploads = anyio.CapacityLimiter(settings.concurrency)
         self._sending: dict[str, _Sending] = {}
         self._submitted = 0
@@ -115,13 +117,16 @@ class Submitter:
         """Submit tickets until the stream ends."""
         async with recv:
             async for ticket in recv:
+                # A unit of the outstanding window first: the window (tuning.py) is what keeps
+                # the API's queue short; the row gives the unit back when it is finished.
+                await self.window.acquire()
                 await self.submit(ticket)
 
     async def submit(self, ticket: Ticket) -> None:
         """Upload one folder (with retries); hand its token to the scheduler, or finish it."""
         job = ticket.job
         if not await self.gate.admit():  # paused: waits here; draining: not sent at all
-            self._finisher.withdrawn()
+            self._finisher.withdrawn(job.key)
             return
         client = self._client
         structlog.contextvars.bind_contextvars(id=job.id)  # this task's logs name the row
@@ -155,7 +160,7 @@ class Submitter:
             self._finisher.drop(job.key)
             return
         except _Withdrawn:
-            self._finisher.withdrawn()
+            self._finisher.withdrawn(job.key)
             return
         except (PermanentError, TransientError) as exc:
             after_attempt(exc)
@@ -196,6 +201,7 @@ class Submitter:
             submitted_mono=self._clock.now(), attempts=ticket.attempts,
             possible_duplicate=ticket.possible_duplicate, analyse_type=sent_types(payload),
         ))
+        self.window.submitted(job.key)
 
     async def forget_unsent(self, *, refused: bool) -> None:
         """Submissions cut short that cannot have created a run go back to pending: those whose

@@ -749,6 +749,13 @@ class OutstandingWindow(_Gate):
             return self.max_outstanding
         return min(self.max_outstanding, self.controller.limit)
 
+    def set_max_outstanding(self, value: int) -> None:
+        """A new hard bound (``--max-outstanding`` changed live); waiters wake if it grew."""
+        self.max_outstanding = _check_limit(value)
+        if self.controller is not None:
+            self.controller.max_limit = max(self.controller.min_limit, value)
+        self._dispatch()
+
     def statistics(self) -> WindowStatistics:
         """Limit, units held, waiters, and what the controller believes."""
         c = self.controller

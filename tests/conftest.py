@@ -68,6 +68,9 @@ def engine_settings(base_url: str, out: Path, **kw: Any) -> Settings:
         base_url=base_url, api_key=API_KEY, output=out, concurrency=8, rate_limit=500.0,
         burst=50, poll_min=0.02, poll_max=0.2, progress=False, seed=1, retry_base=0.01,
         retry_cap=0.1, fsync_interval=0.05,
+        # Tests pin the outstanding bound (max_outstanding) they reason about; the adaptive
+        # window has tests of its own (test_tuning.py, test_selftuning.py).
+        adaptive_window=False,
     )
     base.update(kw)
     return Settings(**base)
@@ -76,3 +79,11 @@ def engine_settings(base_url: str, out: Path, **kw: Any) -> Settings:
 @pytest.fixture
 def api_key() -> str:
     return API_KEY
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What runs learn about a key (bulk_engine.learned) goes to a directory of the test's
+    own, never the user's ~/.local/state (children inherit it through the environment)."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))

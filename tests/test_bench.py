@@ -58,6 +58,8 @@ def test_bench_command_prints_table_plot_and_recommendation(tmp_path: Path) -> N
     assert (tmp_path / "p.png").exists() or "matplotlib is not installed" in out
     data = json.loads((tmp_path / "b.json").read_text())
     assert len(data["cells"]) == 2 and all(c["completed"] == 6 for c in data["cells"])
+    (auto,) = data["auto"]  # beside the grid, what the defaults find on their own
+    assert auto["rate"] is None and auto["completed"] == 6 and "defaults" in out
 
 
 def test_bench_ideal_prints_ratio_polls_and_429_share(tmp_path: Path) -> None:

@@ -199,7 +199,7 @@ async def test_sighup_applies_a_good_config_live_and_keeps_the_old_values_on_a_b
 async def test_apply_settings_refuses_what_cannot_change_and_bad_values() -> None:
     """Only the tunables change live; a bad value or a fixed setting raises ConfigError naming
     it, and nothing changes."""
-    engine = Engine(Settings(api_key="k", root=Path(".")), None)
+    engine = Engine(Settings(api_key="k", root=Path("."), rate_limit=10.0), None)
     before = engine.settings
     for values, words in (({"api_key": "x"}, "api_key cannot change"),
                           ({"output": "/tmp/x"}, "output cannot change"),
@@ -280,7 +280,7 @@ async def admin(engine: Engine, **kw: Any) -> AsyncIterator[AdminServer]:
 async def test_control_endpoints_pause_resume_settings_drain() -> None:
     """On loopback without a token: each endpoint calls the engine's method and answers the
     state; a bad settings body answers 400 and changes nothing; no secret in any answer."""
-    engine = Engine(Settings(api_key=API_KEY, root=Path(".")), None)
+    engine = Engine(Settings(api_key=API_KEY, root=Path("."), rate_limit=10.0), None)
     answers: list[str] = []
     async with admin(engine) as server:
         status, body, text = await _post(server, "/control/pause")
@@ -313,7 +313,7 @@ async def test_control_needs_the_token_when_bound_beyond_loopback(tmp_path: Path
     """Bound to 0.0.0.0: no token set → refuses to start; with one, a request without it or
     with a wrong one is refused (401, logged, nothing changes), the right one is served. A
     web page's request (Origin) is refused even with the token."""
-    engine = Engine(Settings(api_key=API_KEY, root=Path(".")), None)
+    engine = Engine(Settings(api_key=API_KEY, root=Path("."), rate_limit=10.0), None)
     with pytest.raises(ConfigError, match=CONTROL_TOKEN_ENV):
         control_token("0.0.0.0", {})
     with pytest.raises(Exception) as caught:

@@ -232,7 +232,7 @@ from bulk_engine import ConfigError, Engine, RunResult, Settings, load_settings
 
 async def backfill(manifest: Path) -> int:
     settings = Settings(base_url="https://api.example", api_key="k", output=Path("o.jsonl"))
-    assert_type(settings.rate_limit, float)
+    assert_type(settings.rate_limit, float | None)
     engine = Engine(settings, manifest)
     result = await engine.run()
     assert_type(result, RunResult)

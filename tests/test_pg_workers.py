@@ -199,13 +199,16 @@ def test_several_keys_come_from_a_list_or_numbered_variables_and_need_db() -> No
 
 def test_an_engine_is_not_a_worker(tmp_path: Path) -> None:
     """Settings with a database run through PgWorker (as the command line does); an Engine
-    given them refuses instead of writing a local output nobody would export."""
+    given them refuses instead of writing a local output nobody would export; a worker needs a
+    manifest and a numeric rate."""
     manifest = make_archive(tmp_path / "a", 1, seed=1)
     settings = Settings(api_key=KEYS[0], db="postgresql://u@127.0.0.1:9/d")
     with pytest.raises(ConfigError, match="PgWorker"):
         Engine(settings, manifest)
     with pytest.raises(ConfigError, match="--root is not supported with --db"):
         PgWorker(settings, None)
+    with pytest.raises(ConfigError, match="--db needs --rate-limit"):
+        PgWorker(settings, manifest)  # auto: one process's rate; a shared run needs the key's
 
 
 # ---------------------------------------------------------------------- processes
@@ -218,12 +221,12 @@ def test_a_bad_dsn_or_a_wrong_password_exits_1_with_a_clear_message(
     manifest = make_archive(tmp_path / "a", 2, seed=1)
     wrong = pg_cluster.dsn_for("bulk", password="N0t-the-Pw")
     cases = [
-        (["--base-url", "http://127.0.0.1:9", str(manifest)], {"BULK_ENGINE_DB": wrong},
-         "refused the password for user 'bulk'"),
+        (["--base-url", "http://127.0.0.1:9", "--rate-limit", "10", str(manifest)],
+         {"BULK_ENGINE_DB": wrong}, "refused the password for user 'bulk'"),
         (["export", "--output", str(tmp_path / "o.jsonl")], {"BULK_ENGINE_DB": wrong},
          "refused the password for user 'bulk'"),
-        ([str(manifest), "--db", "postgresql://bulk:N0t-the-Pw@127.0.0.1:99999/x"], {},
-         "the database URL is not valid"),
+        ([str(manifest), "--rate-limit", "10", "--db",
+          "postgresql://bulk:N0t-the-Pw@127.0.0.1:99999/x"], {}, "the database URL is not valid"),
         ([str(manifest)], {"BULK_ENGINE_DB": "http://bulk:N0t-the-Pw@h/x"},
          "db must be a postgresql://"),
     ]

@@ -11,8 +11,9 @@ Loading: every worker streams the manifest (``rules.row_stream``, folders not li
 run; rows that are bad in the manifest itself (duplicate ids, unparsable lines, bad options) go
 in done with their failed line. A worker that finds the run loaded skips it.
 
-Claiming: small batches (``claim_batch``), when this lane has room: at most ``max_outstanding``
-rows in flight here, and at most the key's free share of the shared outstanding window
+Claiming: small batches (``claim_batch``), when this lane has room (a unit free in its
+:class:`LaneWindow`, which the submitters take before each upload and a row gives back when it
+ends), and at most the key's free share of the shared outstanding window
 (:func:`outstanding_window`) of new rows. A claimed row's folder is resolved against this
 worker's manifest directory (``manifest.resolve_folder``) and listed now: paths resolve on each
 worker (shared storage, mounted anywhere). Then, by the row's state:
@@ -36,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +61,10 @@ from bulk_engine.rules import row_stream, scratch_seen
 from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollScheduler
 from bulk_engine.submitter import Submitter, sent_types
+from bulk_engine.tuning import OutstandingWindow
 from bulk_engine.vocab import RowState
 
-__all__ = ["ClaimProducer", "LaneSlots", "load_manifest", "outstanding_window", "row_specs"]
+__all__ = ["ClaimProducer", "LaneWindow", "load_manifest", "outstanding_window", "row_specs"]
 
 log = get_logger()
 
@@ -106,31 +108,30 @@ async def outstanding_window(governor: Governor, settings: Settings) -> tuple[in
     return (settings.max_outstanding if limit is None else limit), in_use
 
 
-class LaneSlots:
-    """This lane's rows in flight (claimed, work item not ended): at most ``limit``.
+class LaneWindow(OutstandingWindow):
+    """One lane's outstanding window: a unit per folder submitted here and not yet retrieved,
+    taken by the submitters before each upload (a live token taken over: by the producer) and
+    given back when its row ends (``Finisher``); at most ``max_outstanding``.
 
-    The Finisher releases a slot when a row ends (``api_row``, ``drop``); the producer takes
-    one per work item it starts and waits on :meth:`wait_freed` when it has no room.
+    Fixed, not adaptive: with ``--db`` what bounds a key's analyses is its window shared by
+    every worker (:func:`outstanding_window`). It also wakes the producer whenever a unit
+    comes back (:meth:`wait_freed`): a finished row may make room for a claim.
     """
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
+    def __init__(self, max_outstanding: int) -> None:
+        super().__init__(max_outstanding=max_outstanding)
         self._freed = anyio.Event()
 
     def free(self) -> int:
-        return self.limit - self.used
+        return self.limit - self.in_use
 
-    def take(self) -> None:
-        self.used += 1
-
-    def release(self) -> None:
-        self.used -= 1
+    def release(self, key: Hashable | None = None) -> None:
+        super().release(key)
         self._freed.set()
         self._freed = anyio.Event()
 
     async def wait_freed(self, timeout: float) -> None:
-        """Until a slot frees, or ``timeout`` seconds."""
+        """Until a unit comes back, or ``timeout`` seconds."""
         with anyio.move_on_after(timeout):
             await self._freed.wait()
 
@@ -146,7 +147,7 @@ class ClaimProducer:
 
     def __init__(self, settings: Settings, manifest: Path, *, store: RunStore,
                  keeper: LeaseKeeper, backend: PgBackend, governor: Governor, db_key_fp: str,
-                 slots: LaneSlots, finisher: Finisher, scheduler: PollScheduler,
+                 window: LaneWindow, finisher: Finisher, scheduler: PollScheduler,
                  submitter: Submitter, clock: Clock) -> None:
         self.settings = settings
         self._base = os.path.dirname(os.path.abspath(manifest))
@@ -157,7 +158,7 @@ class ClaimProducer:
         self._backend = backend
         self._governor = governor
         self._db_key_fp = db_key_fp
-        self._slots = slots
+        self._window = window
         self._finisher = finisher
         self._scheduler = scheduler
         self._submitter = submitter
@@ -171,29 +172,29 @@ class ClaimProducer:
                                   self._rejected, 0, self._resumed, 0)
 
     async def run(self, send: MemoryObjectSendStream[Ticket]) -> None:
-        """Claim and route rows until this lane holds none and the run is finished."""
+        """Claim and route rows until this worker holds none and the run is finished."""
         async with send:
             while True:
                 if self._submitter.gate.draining:
                     return  # a drain (SIGUSR1): no new row; the tokens held are polled out
-                free = self._slots.free()
+                free = self._window.free()
                 if free <= 0:
-                    await self._slots.wait_freed(self.idle_s)
+                    await self._window.wait_freed(self.idle_s)
                     continue
                 while self._scheduler.lateness() > MAX_POLL_LATENESS_S:
                     await self._clock.sleep(1.0)  # due polls first: results expire
                 limit, in_use = await outstanding_window(self._governor, self.settings)
                 new = max(0, limit - in_use - self._backend.unsent(self._db_key_fp))
-                if new == 0 and self._slots.used == 0:
+                if new == 0 and self._window.in_use == 0:
                     new = 1  # an idle lane may always start one: no wait behind rows nobody polls
                 rows = await self._keeper.claim(min(free, self.settings.claim_batch),
                                                 api_key_fp=self._db_key_fp, max_new=new)
                 if rows:
                     await self._take(rows, send)
-                elif self._slots.used == 0 and await self._store.finished():
+                elif self._backend.in_flight == 0 and await self._store.finished():
                     return
                 else:
-                    await self._slots.wait_freed(self.idle_s)
+                    await self._window.wait_freed(self.idle_s)
 
     async def _take(self, rows: list[ClaimedRow], send: MemoryObjectSendStream[Ticket]) -> None:
         fresh = [r for r in rows if self._backend.adopt(r, for_key=self._db_key_fp)]
@@ -231,13 +232,13 @@ class ClaimProducer:
             return
         job = item
         self._accepted += 1
-        self._slots.take()
         if row.state is RowState.SUBMITTED:
             payload, identity = self._submitter.submission(job, asynchronous=True)
             action = resume_action(in_manifest=True, bad_row=False,
                                    journaled_identity=row.request_fp, current_identity=identity)
             if action is ResumeAction.POLL:
                 self._resumed += 1
+                await self._window.acquire()  # its unit: the submitters take theirs themselves
                 self._scheduler.add(Submitted(
                     job=job, token=row.token or "", submitted_at=row.submitted_at or time.time(),
                     submitted_mono=self._clock.now(), attempts=row.generation,
@@ -250,8 +251,8 @@ class ClaimProducer:
                           "key")
             try:
                 await self._backend.mark_pending(row.key)
-            except RowLost:
-                self._finisher.drop(row.key)
+            except RowLost:  # lost already: no unit was taken for it, nothing to give back
+                log.info("row_dropped", key=row.key, hint="another worker holds this row now")
                 return
             await send.send(Ticket(job, row.generation + 1, row.possible_duplicate))
             return

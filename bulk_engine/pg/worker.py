@@ -57,7 +57,7 @@ from bulk_engine.pg.backend import PgBackend
 from bulk_engine.pg.connect import Database, DatabaseStatistics, parse_dsn, redact_dsn
 from bulk_engine.pg.governor import Governor
 from bulk_engine.pg.guard import GuardedLimiter, LeaseGuard
-from bulk_engine.pg.producer import ClaimProducer, LaneSlots, load_manifest
+from bulk_engine.pg.producer import ClaimProducer, LaneWindow, load_manifest
 from bulk_engine.pg.rows import (
     LeaseKeeper,
     RunCounts,
@@ -141,7 +141,7 @@ class _Lane:
 
     governor: Governor
     client: CaseClient
-    slots: LaneSlots
+    window: LaneWindow
     finisher: Finisher
     scheduler: PollScheduler
     submitter: Submitter
@@ -193,6 +193,10 @@ class PgWorker(Engine):
         if manifest is None:
             raise ConfigError("--db needs a manifest CSV (every worker is given the same one): "
                               "--root is not supported with --db; list the folders in a manifest")
+        if settings.rate_limit is None:
+            raise ConfigError("--db needs --rate-limit R, each key's calls per second: the "
+                              "shared governor holds every worker to it ('auto' finds the rate "
+                              "of one process only)")
         super().__init__(settings, manifest, clock=clock, rng=rng)
         self._parts: _Parts | None = None
         self._progress: RunProgress | None = None
@@ -241,7 +245,7 @@ class PgWorker(Engine):
 
     async def _run_on(self, db: Database, keys: tuple[str, ...]) -> None:
         s = self.settings
-        assert s.db is not None and self.manifest is not None
+        assert s.db is not None and self.manifest is not None and s.rate_limit is not None
         summary, fingerprint = run_identity(s, manifest=self.manifest)
         name = s.run or default_run_name(fingerprint)
         store = await RunStore.open(db, name, settings_fingerprint=fingerprint,
@@ -293,8 +297,8 @@ class PgWorker(Engine):
         """One key's stages: the single-machine ones, fed by claims, fenced by leases."""
         s = self.settings
         assert self.manifest is not None
-        slots = LaneSlots(s.max_outstanding)
-        finisher = Finisher(outcomes, outstanding=slots, mass_failure=mass_failure)
+        window = LaneWindow(s.max_outstanding)
+        finisher = Finisher(outcomes, outstanding=window, mass_failure=mass_failure)
 
         async def poll(sub: Submitted) -> PollDecision:
             # A row whose lease was lost is not polled (and not if it is lost while its poll
@@ -314,15 +318,16 @@ class PgWorker(Engine):
                                   clock=self.clock, max_concurrent_polls=MAX_CONCURRENT_POLLS)
         submitter = Submitter(s.replace(api_key=key), client=client, backend=backend,
                               scheduler=scheduler, finisher=finisher,
-                              key_fp=key_fingerprint(key), clock=self.clock, gate=self.gate)
+                              key_fp=key_fingerprint(key), clock=self.clock, window=window,
+                              gate=self.gate)
         poller = Poller(s, client=client, backend=backend, finisher=finisher,
-                        submitter=submitter)
+                        submitter=submitter, clock=self.clock)
         db_key_fp = governor.key_fp
         producer = ClaimProducer(s, self.manifest, store=store, keeper=keeper, backend=backend,
-                                 governor=governor, db_key_fp=db_key_fp, slots=slots,
+                                 governor=governor, db_key_fp=db_key_fp, window=window,
                                  finisher=finisher, scheduler=scheduler, submitter=submitter,
                                  clock=self.clock)
-        return _Lane(governor, client, slots, finisher, scheduler, submitter, poller, producer)
+        return _Lane(governor, client, window, finisher, scheduler, submitter, poller, producer)
 
     async def _pipelines(self, store: RunStore, lanes: list[_Lane]) -> None:
         """The manifest's loading and every lane, in the cancel scope an interrupt cancels."""
