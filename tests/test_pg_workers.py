@@ -103,6 +103,27 @@ async def test_a_worker_run_exports_the_single_machine_jsonl_and_report_reads_it
     assert (again.since, again.last) == (20, 24)
 
 
+async def test_failed_rows_give_exit_2_and_retry_failed_redoes_them_in_place(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """A run with folders the API fails exits 2 (the run's code, not the worker's); a worker
+    started with --retry-failed analysis_failed puts them back and redoes them: the export
+    then has one line per row, all completed."""
+    manifest = make_archive(tmp_path / "a", 12, seed=6)
+    failing = EmulatorConfig(api_keys=KEYS, processing_time=(0.01, 0.03), fail_rate=0.5, seed=4)
+    async with run_emulator(failing) as emu:
+        first = await PgWorker(pg_settings(emu.base_url, pg_dsn, tmp_path), manifest).run()
+    assert first.exit_code == 2 and first.summary.extra["total_failed"] > 0
+    healthy = EmulatorConfig(api_keys=KEYS, processing_time=(0.01, 0.03), seed=4)
+    async with run_emulator(healthy) as emu:
+        settings = pg_settings(emu.base_url, pg_dsn, tmp_path, retry_failed=True,
+                               retry_failed_kinds=("analysis_failed",))
+        again = await PgWorker(settings, manifest).run()
+    assert again.exit_code == 0, again.summary.to_json()
+    out = tmp_path / "results.jsonl"
+    await export_run(pg_dsn, out)
+    assert_one_right_line_per_row(read_lines(out), manifest)
+
+
 async def test_rows_a_key_submitted_are_claimed_only_for_that_key(pg_db: Database) -> None:
     """A live token and a row caught mid-upload go only to a claim for the key that sent them
     (its token, its Idempotency-Key); a pending row goes to any key; max_new bounds the new

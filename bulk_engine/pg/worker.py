@@ -71,6 +71,7 @@ from bulk_engine.policy import MassFailureWindow
 from bulk_engine.poller import Poller
 from bulk_engine.producer import ProducerStatistics
 from bulk_engine.scheduler import PollDecision, PollPolicy, PollScheduler
+from bulk_engine.startup import retry_kinds
 from bulk_engine.stats import LiveCounters, WorkerShare
 from bulk_engine.submitter import Submitter, SubmitterStatistics
 
@@ -252,7 +253,9 @@ class PgWorker(Engine):
                                     settings_summary=summary)
         worker = await store.register_worker()
         if s.retry_failed:  # their lines leave the run at once: a row has one line at most
-            log.info("retry_failed", rows=await store.reset_failed(), kinds="all")
+            kinds = retry_kinds(s)  # --retry-failed KINDS: those (and the transport ones)
+            log.info("retry_failed", rows=await store.reset_failed(kinds=kinds),
+                     kinds="all" if kinds is None else ",".join(sorted(kinds)))
         keeper = LeaseKeeper(store, worker, lease_s=s.lease, clock=self.clock)
         governors = [await Governor.open(db, key, rate=s.rate_limit, burst=s.burst,
                                          clock=self.clock) for key in keys]
