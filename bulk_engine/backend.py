@@ -20,6 +20,9 @@ The state machine (``vocab.RowState``; see ``docs/architecture.md``)::
 - done is recorded by the sink after the row's result is durable (``finish``), never earlier.
 - ``check_settings`` binds the journal to the run's identity (API host, analyse types, use
   case, source): resuming with other settings is refused.
+- A backend shared by several workers (PostgreSQL) may answer a transition with
+  :class:`RowLost`: the row is another worker's now. The stage drops it (``Finisher.drop``):
+  no API call for it, no line. The embedded backend never raises it.
 
 Every method is a coroutine: a database across the network must not block the event loop. The
 SQLite backend (``SqliteBackend``) answers in microseconds and does not yield.
@@ -33,7 +36,15 @@ from typing import Protocol, runtime_checkable
 from bulk_engine.journal import Journal, RowRecord
 from bulk_engine.models import Job, Outcome
 
-__all__ = ["JournalBackend", "SqliteBackend"]
+__all__ = ["JournalBackend", "RowLost", "SqliteBackend"]
+
+
+class RowLost(Exception):
+    """This process no longer owns the row (its lease ran out, another worker took it)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the row {key!r} is no longer this worker's")
+        self.key = key
 
 
 @runtime_checkable

@@ -1,5 +1,5 @@
 """Command line: ``python -m bulk_engine [run] MANIFEST.csv [options]``, ``demo``, ``report``,
-``bench``.
+``bench``, ``export``.
 
 One parser with one subcommand per entry of :data:`COMMANDS`; ``run`` is implied when the first
 argument names no command (``python -m bulk_engine manifest.csv`` as ever; a file literally named
@@ -31,7 +31,7 @@ from rich.console import Console
 from bulk_engine.config import DEFAULT_BASE_URL, Settings, load_settings, read_env, unknown_env
 from bulk_engine.control import ConfigReloader
 from bulk_engine.errors import BulkEngineError, ConfigError
-from bulk_engine.logs import Redactor, configure_logging, get_logger
+from bulk_engine.logs import Redactor, add_secret, configure_logging, get_logger
 from bulk_engine.runner import check_file_target, check_paths, print_error
 from bulk_engine.vocab import ExitCode
 
@@ -60,6 +60,8 @@ examples:
   python -m bulk_engine demo                           # sample archive + local emulator
   python -m bulk_engine bench --rate-limit 20          # sweep settings against an emulator
   python -m bulk_engine report results.jsonl --failed-manifest failed.csv --chart run.png
+  BULK_ENGINE_DB=postgresql://... python -m bulk_engine manifest.csv   # one worker of many
+  python -m bulk_engine export --db postgresql://... --output results.jsonl
 
 settings: command line > environment (BULK_ENGINE_<NAME>, e.g. BULK_ENGINE_RATE_LIMIT=20)
   > --config FILE (TOML; every setting is listed in config/default.toml) > defaults.
@@ -73,7 +75,7 @@ Backfill folders of documents through the Case Analysis API: one manifest row pe
 JSONL line per row, crash-safe resume.
 
 commands: run (the default: `bulk-engine run MANIFEST.csv` is `bulk-engine MANIFEST.csv`),
-  demo, report, bench; `bulk-engine COMMAND --help` shows each one's options.
+  demo, report, bench, export; `bulk-engine COMMAND --help` shows each one's options.
 """
 
 _REPORT_EPILOG = """\
@@ -191,6 +193,11 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
                                     "--log-format console)")
     a("--stats-json", type=Path, help="also write the end-of-run summary (or the --dry-run "
                                       "plan) as JSON here")
+    a("--db", help="postgresql://USER:PASSWORD@HOST/DB: this process is one worker of a run "
+                   "shared with every worker given the same manifest (prefer env "
+                   "BULK_ENGINE_DB: argv is visible to others); see `export`")
+    a("--run", help="with --db: the shared run's name (default: derived from the manifest's "
+                    "content and the settings, so every worker joins the same run)")
     a("--metrics-port", type=int, metavar="PORT",
       help="serve Prometheus /metrics and /control/* (pause, resume, drain, settings) on PORT")
     a("--metrics-host", metavar="HOST",
@@ -278,6 +285,9 @@ def _run(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     if ns.api_key:
         log.warning("api_key_on_command_line",
                     hint="argv is visible to other users: prefer BULK_ENGINE_API_KEY")
+    if ns.db and _has_password(ns.db):
+        log.warning("db_password_on_command_line",
+                    hint="argv is visible to other users: prefer BULK_ENGINE_DB or ~/.pgpass")
     for name in unknown_env(os.environ):
         log.warning("unknown_environment_variable", name=name,
                     hint="not a bulk_engine setting (see config/default.toml): ignored")
@@ -287,6 +297,15 @@ def _run(ns: argparse.Namespace, argv: Sequence[str]) -> int:
 
         return dry_run(settings, ns.manifest, console)
     return asyncio.run(run_engine(settings, ns.manifest, console, reloader=_reloader(ns)))
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password is not None or "password=" in url
+    except ValueError:
+        return False
 
 
 def _warn_plain_http(settings: Settings) -> None:
@@ -365,6 +384,50 @@ def _report(ns: argparse.Namespace, argv: Sequence[str]) -> int:
     return ExitCode.OK
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write the lines of a run shared through --db as a JSONL output file (the "
+                     "schema of a single machine's output; `report` reads it), replacing the "
+                     "file atomically.")
+    p.add_argument("--db", help="postgresql://USER:PASSWORD@HOST/DB (env BULK_ENGINE_DB)")
+    p.add_argument("--run", help="the run's name (default: the database's only run)")
+    p.add_argument("--output", type=Path, default=Path("results.jsonl"),
+                   help="JSONL file to write (default results.jsonl)")
+    p.add_argument("--since", type=int, metavar="N",
+                   help="only the rows finished after export sequence N (each export prints "
+                        "the sequence it reached)")
+    p.add_argument("--config", type=Path, help="TOML settings file (db, run)")
+
+
+def _export(ns: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``python -m bulk_engine export [--db URL] [--run NAME] --output results.jsonl``."""
+    import asyncio
+
+    console = Console(stderr=True)
+    try:
+        settings = load_settings(cli={"db": ns.db, "run": ns.run}, config_file=ns.config)
+        if settings.db is None:
+            raise ConfigError("export needs the database: --db postgresql://... (or "
+                              "BULK_ENGINE_DB)")
+        if ns.since is not None and ns.since < 0:
+            raise ConfigError(f"--since must be 0 or more, got {ns.since}")
+        check_file_target("--output", ns.output)
+        configure_logging(level="warning", fmt="auto")  # db_unavailable while it waits
+        from bulk_engine.pg.connect import parse_dsn
+        from bulk_engine.pg.export import export_run
+
+        add_secret(parse_dsn(settings.db)[1])
+        rep = asyncio.run(export_run(settings.db, ns.output, run=settings.run, since=ns.since,
+                                     connect_timeout=settings.connect_timeout))
+    except (BulkEngineError, OSError) as exc:
+        print_error(console, str(exc))
+        return ExitCode.FATAL
+    console.print(f"exported {rep.lines} line(s) of run {rep.run!r} to {rep.path} (rows "
+                  f"finished after sequence {rep.since}, up to {rep.last}); "
+                  f"{rep.rows_not_done} of {rep.rows_total} row(s) not done yet; next "
+                  f"incremental export: --since {rep.last}", highlight=False, markup=False)
+    return ExitCode.OK
+
+
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     from bulk_engine.demo import add_arguments
 
@@ -400,6 +463,8 @@ COMMANDS: dict[str, Command] = {
                 _report_arguments, _report),
         Command("bench", "sweep concurrency × rate against an emulator; recommend settings",
                 _bench_arguments, _bench),
+        Command("export", "write a run shared through --db (PostgreSQL) as a JSONL file",
+                _export_arguments, _export),
     )
 }
 

@@ -55,7 +55,7 @@ from bulk_engine.errors import (
 from bulk_engine.health import ApiHealth
 from bulk_engine.logs import Redactor, get_logger
 from bulk_engine.models import FileEntry, Job
-from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, RateLimiter
+from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, Limiter
 from bulk_engine.s3.listing import S3Entry
 from bulk_engine.s3.url import S3Url
 
@@ -234,13 +234,14 @@ def build_payload(settings: Settings, job: Job, *, asynchronous: bool) -> dict[s
 
 
 class CaseClient:
-    """One aiohttp session for the run, every call gated by the shared ``RateLimiter``."""
+    """One aiohttp session for the run, every call gated by the shared limiter (the run's
+    ``RateLimiter``, or with ``--db`` the key's ``pg.governor.Governor``)."""
 
     def __init__(
         self,
         settings: Settings,
         *,
-        limiter: RateLimiter,
+        limiter: Limiter,
         clock: Clock,
         rng: random.Random,
         max_connections: int = 100,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("auto", "json", "console")
 # Variables with these prefixes belong to other tools (the emulator) or to the loader itself.
 _FOREIGN_ENV = (ENV_PREFIX + "EMULATOR_", ENV_PREFIX + "CONFIG")
+# BULK_ENGINE_API_KEY_1, _2, ...: more keys for one run (--db), read into ``api_key``.
+_NUMBERED_KEY = re.compile(re.escape(ENV_PREFIX) + r"API_KEY_(\d+)")
 
 
 class _InvalidSetting(ConfigError):
@@ -91,6 +94,11 @@ class Settings:
     max_failure_rate: float = 0.5
     failure_window: int = 200
     outage_after: float = 10.0
+    # --db: one run shared by many workers through PostgreSQL (bulk_engine.pg).
+    db: str | None = field(default=None, repr=False)  # postgresql://... (may hold a password)
+    run: str | None = None  # the shared run's name (default: from the manifest and settings)
+    lease: float = 60.0
+    claim_batch: int = 16
     fsync_every: int = 64
     fsync_interval: float = 0.25
     idempotency: bool = True
@@ -175,6 +183,21 @@ class Settings:
              f"failure_window must be at least 1, got {self.failure_window}")
         need(self.fsync_every >= 1, "fsync_every",
              f"fsync_every must be at least 1, got {self.fsync_every}")
+        keys = self.api_keys
+        need(len(set(keys)) == len(keys), "api_key",
+             "the same API key is given twice (the keys are not shown)")
+        need(len(keys) <= 1 or self.db is not None, "api_key",
+             f"{len(keys)} API keys are given (BULK_ENGINE_API_KEY=k1,k2 or "
+             "BULK_ENGINE_API_KEY_1, _2...): several keys are for one run shared through "
+             "--db; a single machine uses one key")
+        need(self.db is None or self.db.strip().startswith(("postgresql://", "postgres://")),
+             "db", "db must be a postgresql://USER:PASSWORD@HOST:PORT/DATABASE URL (the value "
+             "is not shown: it may hold a password)")
+        need(self.run is None or bool(self.run.strip()), "run", "run must not be empty")
+        need(math.isfinite(self.lease) and self.lease >= 1, "lease",
+             f"lease must be at least 1 second, got {self.lease}")
+        need(self.claim_batch >= 1, "claim_batch",
+             f"claim_batch must be at least 1, got {self.claim_batch}")
         need(self.log_level.lower() in LOG_LEVELS, "log_level",
              f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         need(self.log_format in LOG_FORMATS, "log_format",
@@ -201,6 +224,11 @@ class Settings:
         need(bool(self.metrics_host.strip()), "metrics_host", "metrics_host must not be empty")
         need(math.isfinite(self.stuck_factor) and self.stuck_factor >= 1, "stuck_factor",
              f"stuck_factor must be a number of at least 1, got {self.stuck_factor}")
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The API keys: ``api_key`` split at commas (more than one only with ``db``)."""
+        return tuple(k for k in (k.strip() for k in (self.api_key or "").split(",")) if k)
 
     @property
     def journal_path(self) -> Path:
@@ -314,6 +342,11 @@ def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
         key = ENV_PREFIX + name.upper()
         if key in environ and environ[key] != "":
             out[name] = _coerce(name, environ[key], key)
+    numbered = sorted((int(m.group(1)), value) for var, value in environ.items()
+                      if (m := _NUMBERED_KEY.fullmatch(var)) and value)
+    if numbered:
+        out["api_key"] = ",".join([*([out["api_key"]] if "api_key" in out else []),
+                                   *(value for _, value in numbered)])
     return out
 
 
@@ -321,7 +354,7 @@ def unknown_env(environ: Mapping[str, str]) -> list[str]:
     """``BULK_ENGINE_*`` variables that name no setting (typos the CLI warns about)."""
     known = {ENV_PREFIX + n.upper() for n in _FIELDS}
     return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known
-                  and not k.startswith(_FOREIGN_ENV))
+                  and not k.startswith(_FOREIGN_ENV) and not _NUMBERED_KEY.fullmatch(k))
 
 
 def _did_you_mean(name: str) -> str:

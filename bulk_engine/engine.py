@@ -196,6 +196,10 @@ class Engine:
         if not settings.api_key and not settings.dry_run:
             raise ConfigError(
                 "no API key: set BULK_ENGINE_API_KEY (or api_key in --config, or --api-key)")
+        if settings.db is not None and type(self) is Engine:
+            # --db: this process is one worker of a shared run (the runner picks PgWorker).
+            raise ConfigError("settings.db is set: run bulk_engine.pg.worker.PgWorker (what "
+                              "the command line runs with --db), not Engine")
         self.settings = settings
         self.manifest = manifest
         self.clock = clock or MonotonicClock()

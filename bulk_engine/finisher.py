@@ -8,7 +8,9 @@ Where it sits::
 
 For a row that went to the API, the Finisher also gives back its outstanding slot and feeds the
 mass-failure window (``policy.MassFailureWindow``), which stops the run when most recent rows
-failed on the API's side. Every row logs one canonical ``row_done`` event here.
+failed on the API's side. Every row logs one canonical ``row_done`` event here. A row the
+journal says is no longer this worker's (``backend.RowLost``, with ``--db``) ends here too,
+without a line: :meth:`Finisher.drop`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Finisher:
         self._mass_failure = mass_failure
         self._completed = 0
         self._failed = 0
+        self.dropped = 0  # rows another worker took over (--db): no line from this one
         self._withdrawn = 0
 
     def statistics(self) -> FinisherStatistics:
@@ -77,6 +80,13 @@ class Finisher:
             await self._emit(out)
         # Stop when most recent API rows failed server-side (state saved; rerun resumes).
         self._mass_failure.add(out.error.kind if out.error else None)
+
+    def drop(self, key: str) -> None:
+        """A row with an outstanding unit that is no longer this worker's (``RowLost``): its
+        unit is given back, it gets no line from here (its new owner writes it)."""
+        self._outstanding.release(key)
+        self.dropped += 1
+        log.info("row_dropped", key=key, hint="another worker holds this row now")
 
     def withdrawn(self, key: str) -> None:
         """A ticket the run will not send (it drains): its slot is freed, it gets no line; its

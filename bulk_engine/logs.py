@@ -30,6 +30,7 @@ __all__ = [
     "TOKEN_KEEP",
     "TOKEN_RE",
     "Redactor",
+    "add_secret",
     "configure_logging",
     "get_logger",
     "redact",
@@ -230,6 +231,12 @@ def reset_logging() -> None:
 def get_logger(**bind: Any) -> Any:
     """The module-level logger accessor: ``log = get_logger()``."""
     return structlog.get_logger(**bind)
+
+
+def add_secret(secret: str | None) -> None:
+    """Redact this value too from now on, in logs and printed errors (a secret learnt after
+    logging was configured: each key of a list, a database password)."""
+    _redactor.add_secret(secret)
 
 
 def redact(text: str) -> str:

@@ -59,6 +59,7 @@ __all__ = [
     "iter_root",
     "iter_s3_root",
     "list_folder",
+    "resolve_folder",
 ]
 
 # The kinds of bad rows, from the registry (``vocab.ERROR_KINDS``: origin "row").
@@ -781,8 +782,16 @@ def _parse_row(
     pl = _cell(row, cols.payload)
     payload = {**defaults.payload, **(_parse_payload(pl) if pl else {})}
     use_case = _cell(row, cols.use_case) or defaults.use_case
+    return _RowSpec(resolve_folder(folder, base, confine), use_case, analyse_type, payload)
+
+
+def resolve_folder(folder: str, base: str, confine: str | None) -> Path | S3Url:
+    """A manifest's folder value as a path: relative ones against ``base``, the manifest's
+    directory; an ``s3://`` one parsed (a bad URL is the row's ``bad_row``). With ``confine``
+    (a real path), a folder that resolves outside it raises ManifestError ``outside_root``.
+    (``--db`` workers resolve each row they claim with it.)"""
     if is_s3_url(folder.lstrip()):
-        return _RowSpec(_bucket_folder(folder, confine), use_case, analyse_type, payload)
+        return _bucket_folder(folder, confine)
     full = os.path.join(base, folder)
     if confine is not None:
         # Resolve symlinks and '..' first: a lexical check would let a link inside lead out.
@@ -793,7 +802,7 @@ def _parse_row(
                 f"folder {folder!r} resolves to {full}, "
                 f"outside the allowed root {confine}; use a path inside it",
             )
-    return _RowSpec(Path(full), use_case, analyse_type, payload)
+    return Path(full)
 
 
 def _bucket_folder(folder: str, confine: str | None) -> S3Url:

@@ -18,7 +18,7 @@ from typing import Any
 import anyio.abc
 import structlog
 
-from bulk_engine.backend import JournalBackend
+from bulk_engine.backend import JournalBackend, RowLost
 from bulk_engine.client import CaseClient
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
@@ -119,6 +119,8 @@ class Poller:
             try:
                 await self._backend.mark_pending(ticket.job.key)
                 await self._submitter.submit(ticket)
+            except RowLost:  # another worker's now (--db): no resubmission from here
+                self._finisher.drop(ticket.job.key)
             finally:
                 scheduler.release()
 

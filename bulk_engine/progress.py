@@ -12,6 +12,10 @@ shows ``—``.
 
 The figures are computed by ``ProgressModel.snapshot``, pure code fed with a time and the
 counters, so tests check them without an engine or a clock.
+
+With ``--db`` the counters also carry the whole run's progress (``run_done``/``run_total``,
+every worker's rows) and each worker's share: the bar, the pace and the ETA follow the run;
+the other figures are this worker's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.errors import BulkEngineError
 from bulk_engine.logs import get_logger
 from bulk_engine.s3.url import S3Url
-from bulk_engine.stats import LiveCounters
+from bulk_engine.stats import LiveCounters, WorkerShare
 
 if TYPE_CHECKING:
     from bulk_engine.ratelimit import RateLimiterStatistics
@@ -179,10 +183,14 @@ class ProgressModel:
         """
         if self.started is None:
             self.started = now
-        self.done_rate.add(now, c.done)
+        run_wide = c.run_done is not None and c.run_total is not None  # --db: every worker's
+        self.done_rate.add(now, c.run_done if c.run_done is not None else c.done)
         self.call_rate.add(now, stats.calls if stats else 0)
-        remaining = (max(self.total_rows - c.done - c.rows_skipped_done, 0)
-                     if self.total_rows is not None else None)
+        if c.run_done is not None and c.run_total is not None:
+            remaining: int | None = max(c.run_total - c.run_done, 0)
+        else:
+            remaining = (max(self.total_rows - c.done - c.rows_skipped_done, 0)
+                         if self.total_rows is not None else None)
         per_s = self.done_rate.rate()
         eta = eta_seconds(remaining, per_s)
         return {
@@ -209,6 +217,8 @@ class ProgressModel:
             "api": api,
             "window": window,
             "rate": rate,
+            **({"run_done": c.run_done, "run_total": c.run_total,
+                "workers": [_share(w) for w in c.workers]} if run_wide else {}),
         }
 
 
@@ -216,11 +226,25 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
+def _share(w: WorkerShare) -> dict[str, Any]:
+    return {"worker": w.name, "done": w.done, "held": w.held, "alive": w.alive,
+            **({"this": True} if w.this else {})}
+
+
+def _shares_text(workers: list[dict[str, Any]], run_done: int) -> str:
+    """``host:1 40 % (this) · host:2 35 % · host:3 25 % (gone)``: each worker's part of the
+    rows done."""
+    return " · ".join(
+        f"{w['worker']} {100 * w['done'] / run_done if run_done else 0:.0f} %"
+        + (" (this)" if w.get("this") else "") + ("" if w["alive"] else " (gone)")
+        for w in workers)
+
+
 def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
     """The snapshot as the periodic ``status`` log event: short, one line, machine-readable."""
     total = snap["rows_total"]
     done = snap["completed"] + snap["failed"] + snap["skipped_done"]
-    return {
+    fields = {
         "done": f"{done}/{total}" if total is not None else done,
         **{k: snap[k] for k in ("completed", "failed", "skipped_done", "submitted",
                                 "processing", "rows_per_min", "calls_per_s", "rate_limit",
@@ -228,6 +252,11 @@ def status_fields(snap: dict[str, Any]) -> dict[str, Any]:
                                 "eta_s", "api", "window", "rate")},
         "eta": fmt_duration(snap["eta_s"]),
     }
+    if "run_total" in snap:  # --db: the whole run, and each worker's share of it
+        fields["done"] = f"{snap['run_done']}/{snap['run_total']}"
+        fields["this_worker_done"] = done
+        fields["workers"] = snap["workers"]
+    return fields
 
 
 def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
@@ -238,11 +267,15 @@ def render_panel(snap: dict[str, Any], *, finished: bool = False) -> Table:
     t.add_column("value", no_wrap=True)
     total = snap["rows_total"]
     done = snap["completed"] + snap["failed"] + snap["skipped_done"]
-    if total:
+    run_wide = "run_total" in snap  # --db: the bar is the whole run's
+    bar_done, bar_total = (snap["run_done"], snap["run_total"]) if run_wide else (done, total)
+    if bar_total:
         grid = Table.grid(padding=(0, 1))
-        grid.add_row(ProgressBar(total=total, completed=min(done, total), width=24),
-                     f"{done}/{total} ({100 * done / total:.0f} %)")
-        t.add_row("progress", grid)
+        grid.add_row(ProgressBar(total=bar_total, completed=min(bar_done, bar_total), width=24),
+                     f"{bar_done}/{bar_total} ({100 * bar_done / bar_total:.0f} %)")
+        t.add_row("run (all workers)" if run_wide else "progress", grid)
+    if run_wide:
+        t.add_row("workers", _shares_text(snap["workers"], snap["run_done"]))
     read = str(snap["rows_read"])
     t.add_row("rows read", read + (f" of {total}" if total is not None else " (counting…)"))
     if snap["skipped_done"]:
@@ -412,14 +445,18 @@ async def show_progress(
     model = ProgressModel(total_rows=total_rows, rate_limit=rate_limit)
 
     def snap() -> dict[str, Any]:
-        stats = engine.client.stats if engine.client is not None else None
         health = getattr(engine, "health", None)  # an engine has one; a bare source may not
+        api = health.statistics().describe() if health is not None else "ok"
         figures = getattr(engine, "statistics", None)  # an engine has them; a bare source not
-        run = figures() if figures is not None else None
-        return model.snapshot(clock.now(), engine.counters, stats, engine.limiter.current_rate,
-                              api=health.statistics().describe() if health is not None else "ok",
-                              window=describe_window(run.window) if run and run.window else None,
-                              rate=describe_rate(run.limiter) if run and run.limiter else None)
+        if figures is None:
+            stats = engine.client.stats if engine.client is not None else None
+            return model.snapshot(clock.now(), engine.counters, stats,
+                                  engine.limiter.current_rate, api=api)
+        run = figures()  # an Engine: every figure from its stages' statistics()
+        return model.snapshot(clock.now(), run.counters(), run.client, run.current_rate,
+                              api=api,
+                              window=describe_window(run.window) if run.window else None,
+                              rate=describe_rate(run.limiter) if run.limiter else None)
 
     async with anyio.create_task_group() as tg:
         if total_rows is None and counter is not None:

@@ -50,7 +50,7 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from bulk_engine.clock import Clock
 from bulk_engine.tuning import RateController
@@ -418,3 +418,22 @@ class RateLimiter:
         """If nobody sleeps for the queue, wake its head so that it takes the role."""
         if self._sleeper is None and (head := self._head()) is not None:
             head.notify()
+
+
+class Limiter(Protocol):
+    """What the client asks of a rate limiter: :class:`RateLimiter` (one process) and
+    ``pg.governor.Governor`` (every worker of a key, through PostgreSQL) both are one."""
+
+    @property
+    def current_rate(self) -> float: ...
+
+    @property
+    def paused_until(self) -> float: ...
+
+    async def acquire(self, priority: int = PRIORITY_SUBMIT) -> object: ...
+
+    def pause_for(self, seconds: float) -> None: ...
+
+    def on_throttled(self) -> None: ...
+
+    def on_success(self) -> None: ...

@@ -100,7 +100,12 @@ async def run_engine(
     log = get_logger()
     try:
         check_paths(settings)
-        engine = Engine(settings, manifest)
+        if settings.db is not None:  # one worker of a run shared through PostgreSQL
+            from bulk_engine.pg.worker import PgWorker
+
+            engine: Engine = PgWorker(settings, manifest)
+        else:
+            engine = Engine(settings, manifest)
     except BulkEngineError as err:
         print_error(console, str(err))
         return ExitCode.FATAL

@@ -20,6 +20,7 @@ __all__ = [
     "LatencyHistogram",
     "LiveCounters",
     "Summary",
+    "WorkerShare",
     "decision_of",
 ]
 
@@ -76,9 +77,24 @@ class LatencyHistogram:
         return [(g**b, g ** (b + 1), n) for b, n in sorted(self._buckets.items())]
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerShare:
+    """One worker of a run shared through ``--db``: its rows done and held right now."""
+
+    name: str  # host:pid
+    done: int
+    held: int
+    alive: bool  # renewed within its lease and not stopped
+    this: bool  # the worker showing it
+
+
 @dataclass
 class LiveCounters:
-    """What the progress display and the periodic status line read while a run goes."""
+    """What the progress display and the periodic status line read while a run goes.
+
+    With ``--db``, ``run_done``/``run_total`` are the whole run's (every worker's) and
+    ``workers`` each worker's share; the other figures are this worker's.
+    """
 
     rows_read: int = 0
     rows_skipped_done: int = 0
@@ -90,6 +106,9 @@ class LiveCounters:
     bytes_uploaded: int = 0
     stuck: int = 0  # analyses reported stuck (stuck.StuckWatch)
     started_mono: float = field(default_factory=time.monotonic)
+    run_done: int | None = None
+    run_total: int | None = None
+    workers: tuple[WorkerShare, ...] = ()
 
     @property
     def done(self) -> int:

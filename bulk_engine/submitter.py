@@ -32,7 +32,7 @@ import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from bulk_engine.backend import JournalBackend
+from bulk_engine.backend import JournalBackend, RowLost
 from bulk_engine.client import CaseClient, idempotency_key, submission_for
 from bulk_engine.clock import Clock
 from bulk_engine.config import Settings
@@ -156,6 +156,9 @@ class Submitter:
                                                before_send=before_send),
                     endpoint="submit", source=job.key, on_retry=after_attempt,
                 )
+        except RowLost:  # refused at mark_submitting: nothing was sent
+            self._finisher.drop(job.key)
+            return
         except _Withdrawn:
             self._finisher.withdrawn(job.key)
             return
@@ -187,7 +190,11 @@ class Submitter:
                 job, status=Status.COMPLETED, attempts=ticket.attempts, result=answer.result,
                 submitted_at=submitted_wall, possible_duplicate=ticket.possible_duplicate))
             return
-        await self._backend.mark_submitted(job.key, answer.token, None, submitted_wall)
+        try:
+            await self._backend.mark_submitted(job.key, answer.token, None, submitted_wall)
+        except RowLost:  # its new owner sends it again under the same Idempotency-Key
+            self._finisher.drop(job.key)
+            return
         log.debug("submitted", id=job.id, token=short_token(answer.token))
         self._scheduler.add(Submitted(
             job=job, token=answer.token, submitted_at=submitted_wall,
@@ -203,7 +210,10 @@ class Submitter:
         with anyio.CancelScope(shield=True):
             for key, st in list(self._sending.items()):
                 if refused or not (st.maybe_sent or st.in_flight):
-                    await self._backend.mark_pending(key, attempts=st.attempts - 1)
+                    try:
+                        await self._backend.mark_pending(key, attempts=st.attempts - 1)
+                    except RowLost:
+                        pass  # another worker's now: it decides
         self._sending.clear()
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "ResultWriter",
     "WriterStatistics",
     "file_tail_digest",
+    "fsync_dir",
     "reconcile",
     "repair_tail",
     "rewrite_without_failed",
@@ -149,7 +150,8 @@ class OutputLock:
 # ---------------------------------------------------------------------- startup repair
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: a rename or a new file in it survives a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -377,7 +379,7 @@ def rewrite_without_failed(path: Path, journal: Journal) -> int:
         os.fsync(dst.fileno())
         size = dst.tell()
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     log.info("output_rewritten", path=str(path), lines_dropped=dropped, size=size)
     return size
 

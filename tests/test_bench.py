@@ -16,6 +16,8 @@ import pytest
 
 from bulk_engine.bench import Cell, recommend
 
+from pg_cluster import pg_cluster_fixture, pg_dsn_fixture  # noqa: F401 - fixtures
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 FAST = ["--processing-time", "0:0.05"]
@@ -115,3 +117,18 @@ def test_bench_s3_engine_prints_bucket_against_disk(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "e.json").read_text())["engine"]["results"]
     assert [(r["source"], r["completed"]) for r in results] == [("local", 4), ("s3", 4)]
     assert results[1]["s3_requests_per_folder"] > 1
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_bench_workers_prints_shared_rate_and_backend_overhead(tmp_path: Path,
+                                                               pg_dsn: str) -> None:
+    """`bench_workers.py` at a tiny size on the session's PostgreSQL: both tables."""
+    out = run([str(BENCH / "bench_workers.py"), "--dsn", pg_dsn, "--folders", "6",
+               "--workers", "1", "--keys", "1", "--backend-folders", "4", "--processing-time",
+               "0:0.05", "--poll-min", "0.05", "--poll-max", "0.2", "--json", "w.json"],
+              tmp_path, timeout=170)
+    assert "steady calls/s" in out and "429 share" in out and "worker CPU ms/row" in out
+    data = json.loads((tmp_path / "w.json").read_text())
+    assert [c["completed"] for c in data["cells"]] == [6]
+    assert [b["completed"] for b in data["backends"]] == [4, 4]

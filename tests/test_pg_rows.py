@@ -580,7 +580,7 @@ class _Store:
         self.took = 0.0
 
     async def claim(self, worker: str, n: int, lease_s: float, *,
-                    api_key_fp: str | None = None) -> list[object]:
+                    api_key_fp: str | None = None, max_new: int | None = None) -> list[object]:
         self.clock.t += self.took
         return [object()] * n
 

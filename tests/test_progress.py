@@ -24,7 +24,7 @@ from bulk_engine.progress import (
     show_progress,
     status_fields,
 )
-from bulk_engine.stats import LiveCounters
+from bulk_engine.stats import LiveCounters, WorkerShare
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -193,6 +193,27 @@ def test_panel_without_total_and_finished() -> None:
     assert "finished" in _render(done)
     assert "stopped" in _render(m2.snapshot(1.0, LiveCounters(rows_read=3, completed=2), None,
                                             10.0), finished=True)
+
+
+def test_a_shared_run_shows_the_whole_run_and_each_workers_share() -> None:
+    """--db: the bar, the pace and the ETA follow every worker's rows; the status line and the
+    panel show each worker's part, and which one is gone; the rest is this worker's."""
+    m = ProgressModel(total_rows=None, rate_limit=20.0)
+    shares = (WorkerShare("m1:10", 30, 4, True, True), WorkerShare("m2:11", 60, 2, True, False),
+              WorkerShare("m3:12", 10, 0, False, False))
+    c = LiveCounters(completed=20, run_done=50, run_total=400, workers=shares)
+    m.snapshot(0.0, c, None, 20.0)
+    c.completed, c.run_done = 30, 100
+    snap = m.snapshot(10.0, c, None, 20.0)
+    assert (snap["remaining"], snap["eta_s"], snap["rows_per_min"]) == (300, 60, 300.0)
+    status = status_fields(snap)
+    assert status["done"] == "100/400" and status["this_worker_done"] == 30
+    assert [w["worker"] for w in status["workers"]] == ["m1:10", "m2:11", "m3:12"]
+    assert status["workers"][0]["this"] and not status["workers"][2]["alive"]
+    text = _render(snap)
+    for want in ("run (all workers)", "100/400 (25 %)", "m1:10 30 % (this)", "m2:11 60 %",
+                 "m3:12 10 % (gone)", "30 completed"):
+        assert want in text, (want, text)
 
 
 # ---- the loop -------------------------------------------------------------------------------

@@ -17,6 +17,15 @@ Modules, in the order a worker uses them::
     governor.py  Governor: one GCRA rate per API key on the database clock, shared pause and
                  429 back-off, local priorities (polls first); the parallel-analysis window
 
+and the engine's ``--db`` mode built on them (``docs/architecture.md``, "Many workers")::
+
+    worker.py    PgWorker: the Engine of one worker; one lane (stages) per API key
+    producer.py  the manifest loaded into the run; ClaimProducer: rows claimed under leases
+    backend.py   PgBackend: the JournalBackend over leases (RowLost when a row is another's)
+    guard.py     LeaseGuard, GuardedLimiter: no API call while leases may have lapsed
+    sink.py      DatabaseSink: each row done with its line, one fenced transaction
+    export.py    ``python -m bulk_engine export``: the run's lines as a JSONL file
+
 Driver: asyncpg, chosen over psycopg 3 (async) by measurement on the governor's own statement
 shape, one row ``UPDATE … RETURNING`` in autocommit (``benchmarks/bench_pg_governor.py``, five
 runs on a shared 2-core machine): p50 0.16-0.23 ms against 0.27-0.34 ms, client CPU 106-140 µs
@@ -24,7 +33,8 @@ against 200-246 µs per call, 4,000-5,200 against 1,800-4,200 calls/s on one con
 6,200-9,400 against 2,300-5,500 on eight. A reservation per API call, on machines that also run
 the engine, makes latency and client CPU what counts.
 
-How the engine uses it (what replaces the SQLite journal and the local limiter):
+How the engine uses it (what replaces the SQLite journal and the local limiter; the guide
+the modules above follow):
 
 * start: ``db = await Database.connect(dsn)``; ``summary, fp = run_identity(settings,
   manifest=…)``; ``store = await RunStore.open(db, name or default_run_name(fp),
@@ -73,15 +83,7 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     ) from None
 
 from bulk_engine.pg.connect import Database, DatabaseUnavailable, key_fingerprint, redact_dsn
-from bulk_engine.pg.governor import (
-    PRIORITY_POLL,
-    PRIORITY_SUBMIT,
-    GcraState,
-    Governor,
-    GovernorStatistics,
-    Grant,
-    Limiter,
-)
+from bulk_engine.pg.governor import GcraState, Governor, GovernorStatistics, Grant
 from bulk_engine.pg.rows import (
     ClaimedRow,
     LeaseKeeper,
@@ -97,6 +99,7 @@ from bulk_engine.pg.rows import (
     run_identity,
 )
 from bulk_engine.pg.schema import SCHEMA_VERSION, migrate
+from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, Limiter
 
 __all__ = [
     "PRIORITY_POLL",

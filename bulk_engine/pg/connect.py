@@ -54,9 +54,24 @@ if TYPE_CHECKING:
 else:
     Conn = Any
 
+__all__ = [
+    "LOG_EVERY_S",
+    "RETRYABLE",
+    "RETRY_BASE_S",
+    "RETRY_CAP_S",
+    "Conn",
+    "Database",
+    "DatabaseStatistics",
+    "DatabaseUnavailable",
+    "DsnParts",
+    "key_fingerprint",
+    "parse_dsn",
+    "redact_dsn",
+]
+
 log = get_logger()
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 #: While the database stays away, ``db_unavailable`` is logged again this often.
 LOG_EVERY_S = 30.0
@@ -344,8 +359,8 @@ class Database:
 
     # ------------------------------------------------------------------ operations
 
-    async def run(self, op: Callable[[Conn], Awaitable[T]], *, what: str,
-                  give_up_after: float | None = None) -> T:
+    async def run(self, op: Callable[[Conn], Awaitable[_T]], *, what: str,
+                  give_up_after: float | None = None) -> _T:
         """Run ``op`` on a pooled connection; on a connection error, wait and run it again.
 
         ``op`` must be idempotent: it may have committed before its answer was lost. Raises
@@ -353,7 +368,7 @@ class Database:
         (``None``: wait for ever, until cancelled). Other database errors propagate at once.
         """
 
-        async def attempt() -> T:
+        async def attempt() -> _T:
             async with self._pool.acquire() as conn:
                 try:
                     return await op(conn)
@@ -389,8 +404,8 @@ class Database:
             raise
         return conn
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]], what: str,
-                        give_up_after: float | None) -> T:
+    async def _retrying(self, attempt: Callable[[], Awaitable[_T]], what: str,
+                        give_up_after: float | None) -> _T:
         start = time.monotonic()
         n = 0
         while True:
@@ -424,8 +439,8 @@ class Database:
             log.warning("db_unavailable", host=self.parts.host, port=self.parts.port,
                         error=type(exc).__name__, doing=what,
                         down_s=round(now - self._down_since, 1),
-                        hint="retrying with backoff; no API call needs the database until then"
-                        if what == "reserve an API call" else "retrying with backoff")
+                        hint="retrying with backoff; no API call goes until the database "
+                             "answers (each takes a rate slot from it)")
 
     def _note_success(self) -> None:
         if self._down_since is not None:

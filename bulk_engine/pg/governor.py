@@ -53,24 +53,27 @@ import itertools
 import math
 import uuid
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from bulk_engine.clock import Clock, MonotonicClock
 from bulk_engine.logs import get_logger
 from bulk_engine.pg.connect import Conn, Database
-from bulk_engine.ratelimit import PRIORITY_POLL, PRIORITY_SUBMIT, RateLimiter
+from bulk_engine.ratelimit import PRIORITY_POLL as PRIORITY_POLL  # re-exported, as is
+from bulk_engine.ratelimit import PRIORITY_SUBMIT, RateLimiter
+from bulk_engine.ratelimit import Limiter as Limiter  # the protocol both limiters satisfy
 
 log = get_logger()
 
 __all__ = [
-    "PRIORITY_POLL",
-    "PRIORITY_SUBMIT",
+    "DECREASE_FACTOR",
+    "DECREASE_WINDOW_S",
+    "MAX_PAUSE_S",
+    "RECOVERY_PER_SECOND",
     "RESERVE_SQL",
     "GcraState",
     "Governor",
     "GovernorStatistics",
     "Grant",
-    "Limiter",
     "Reservation",
 ]
 
@@ -94,22 +97,6 @@ RETURNING last_granted AS granted, last_at AS at, last_wait AS wait, last_rate A
 DECREASE_FACTOR = 0.5
 DECREASE_WINDOW_S = 1.0
 RECOVERY_PER_SECOND = 0.05
-
-
-class Limiter(Protocol):
-    """What the client asks of a rate limiter: ``ratelimit.RateLimiter`` (one process) and
-    :class:`Governor` (every worker of a key) both are one (checked by mypy below)."""
-
-    @property
-    def current_rate(self) -> float: ...
-
-    async def acquire(self, priority: int = PRIORITY_SUBMIT) -> object: ...
-
-    def pause_for(self, seconds: float) -> None: ...
-
-    def on_throttled(self) -> None: ...
-
-    def on_success(self) -> None: ...
 
 
 # ---------------------------------------------------------------------- the pure model
@@ -191,6 +178,7 @@ class Grant:
     rate: float
     priority: int
     wait: float = 0.0  # seconds slept for the slot (0: a token was there, burst included)
+    due: float | None = None  # when the slot was due on this process's clock (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +287,12 @@ class Governor:
     @property
     def waiting(self) -> int:
         return self._live
+
+    @property
+    def paused_until(self) -> float:
+        """This process's clock time until which its calls are held by a ``Retry-After`` it
+        saw (other workers' pauses reach it through the database)."""
+        return self._pause_until_mono
 
     def statistics(self) -> GovernorStatistics:
         return GovernorStatistics(
@@ -446,7 +440,7 @@ class Governor:
         priority, _, _ = heapq.heappop(self._queue)
         self._live -= 1
         self._granted += 1
-        head.grant = Grant(grant.at, grant.rate, priority, grant.wait)
+        head.grant = Grant(grant.at, grant.rate, priority, grant.wait, grant.due)
         head.notify()
 
     def _hand_off(self) -> None:
@@ -472,6 +466,7 @@ class Governor:
             self._refused += 1
             await self._clock.sleep(max(res.wait, 0.001))
             return None
+        due = self._clock.now() + res.wait
         if res.wait > 0:
             await self._clock.sleep(res.wait)
         if self._pause_epoch != epoch:  # our own 429 came while we waited: not this slot
@@ -480,7 +475,7 @@ class Governor:
         if res.wait >= self.recheck_after and await self._paused_in_db():
             self._dropped += 1  # another worker's pause came while we waited
             return None
-        return Grant(res.at, res.rate, PRIORITY_SUBMIT, res.wait)  # the priority: the taker's
+        return Grant(res.at, res.rate, PRIORITY_SUBMIT, res.wait, due)  # priority: the taker's
 
     async def _paused_in_db(self) -> bool:
         paused = await self.db.run(lambda c: c.fetchval(

@@ -65,6 +65,26 @@ from bulk_engine.logs import get_logger
 from bulk_engine.pg.connect import Conn, Database
 from bulk_engine.vocab import RowState, Status
 
+__all__ = [
+    "EXPORT_PAGE",
+    "LOAD_BATCH",
+    "NUMBER_BATCH",
+    "ClaimedRow",
+    "LeaseKeeper",
+    "LoadReport",
+    "RowLease",
+    "RowSpec",
+    "RunCounts",
+    "RunInfo",
+    "RunStore",
+    "WorkerInfo",
+    "dec",
+    "default_run_name",
+    "enc",
+    "manifest_digest",
+    "run_identity",
+]
+
 log = get_logger()
 
 LOAD_BATCH = 1000
@@ -182,6 +202,7 @@ class ClaimedRow:
     submitted_at: float | None
     api_key_fp: str | None
     possible_duplicate: bool
+    request_fp: str | None = None  # client.request_identity of the last submission
 
     @property
     def key(self) -> str:
@@ -229,7 +250,8 @@ class WorkerInfo:
 
 _CLAIMED_COLUMNS = (
     "key, id, folder, line, options, state, token, api_run_id, fingerprint, path, generation, "
-    "extract(epoch FROM submitted_at) AS submitted_at, api_key_fp, possible_duplicate, epoch"
+    "extract(epoch FROM submitted_at)::float8 AS submitted_at, api_key_fp, possible_duplicate, "
+    "epoch, request_fp"
 )
 
 
@@ -241,7 +263,7 @@ def _claimed(rec: asyncpg.Record, worker: str) -> ClaimedRow:
         state=RowState(rec["state"]), token=rec["token"], api_run_id=rec["api_run_id"],
         fingerprint=rec["fingerprint"], path=dec(rec["path"]), generation=rec["generation"],
         submitted_at=rec["submitted_at"], api_key_fp=rec["api_key_fp"],
-        possible_duplicate=rec["possible_duplicate"],
+        possible_duplicate=rec["possible_duplicate"], request_fp=rec["request_fp"],
     )
 
 
@@ -270,7 +292,11 @@ class RunStore:
     @classmethod
     async def open(cls, db: Database, name: str, *, settings_fingerprint: str,
                    settings_summary: str) -> RunStore:
-        """Create the run ``name``, or join it if its settings match (ConfigError if not)."""
+        """Create the run ``name``, or join it if its settings match (ConfigError if not).
+
+        ``settings_fingerprint=""`` creates a run bound to no settings yet: the first
+        :meth:`bind` binds it (the journal adapter's ``check_settings``).
+        """
 
         async def op(c: Conn) -> asyncpg.Record:
             await c.execute(
@@ -281,15 +307,26 @@ class RunStore:
             assert row is not None  # inserted above, and runs are never deleted by the tool
             return row
 
-        rec = await db.run(op, what="open the run")
-        if rec["settings_fingerprint"] != settings_fingerprint:
+        store = cls(db, _run_info(await db.run(op, what="open the run")))
+        await store.bind(settings_fingerprint, settings_summary)
+        return store
+
+    async def bind(self, fingerprint: str, summary: str) -> None:
+        """Check that the run was started with these settings (ConfigError if not); a run
+        created without settings is bound to these."""
+        if fingerprint and not self.run.settings_fingerprint:
+            await self.db.run(lambda c: c.execute(
+                "UPDATE bulk_engine.runs SET settings_fingerprint = $2, settings_summary = $3 "
+                "WHERE id = $1 AND settings_fingerprint = ''", self.run.id, fingerprint,
+                summary), what="bind the run to its settings")
+            await self.refresh()
+        if self.run.settings_fingerprint != fingerprint:
             raise ConfigError(
-                f"the run {name!r} in the database was started with other settings (its API "
-                f"host, analyse_type, use_case or manifest differ: database "
-                f"{rec['settings_summary']}; now {settings_summary}). Rerun with the original "
-                "settings to join it, or give another --run NAME to start a new run."
+                f"the run {self.run.name!r} in the database was started with other settings: "
+                f"it is a different run (its API host, analyse_type, use_case or manifest "
+                f"differ: database {self.run.settings_summary}; now {summary}). Rerun with the "
+                "original settings to join it, or give another --run NAME to start a new run."
             )
-        return cls(db, _run_info(rec))
 
     @classmethod
     async def join(cls, db: Database, name: str) -> RunStore:
@@ -417,12 +454,18 @@ class RunStore:
     # ------------------------------------------------------------------ claims and leases
 
     async def claim(self, worker: str, n: int, lease_s: float, *,
-                    api_key_fp: str | None = None) -> list[ClaimedRow]:
+                    api_key_fp: str | None = None,
+                    max_new: int | None = None) -> list[ClaimedRow]:
         """Lease up to ``n`` free rows to ``worker`` for ``lease_s`` seconds (database clock).
 
         Free: never leased (or released), or their lease ran out. Live tokens first (state
-        ``submitted``; with ``api_key_fp``, only tokens of that key: a token works only with
-        the key that got it), then ``pending``/``submitting`` rows in manifest order. Each
+        ``submitted``), then ``pending``/``submitting`` rows in manifest order. With
+        ``api_key_fp``, a row that key has submitted (``submitted``: a token works only with
+        the key that got it; ``submitting``: only the same key replays the same
+        Idempotency-Key) goes only to a claim for that key; ``pending`` rows go to any key.
+        ``max_new``: at most that many ``pending`` rows (new analyses: the caller's share of
+        the key's outstanding window); rows already submitted or caught mid-upload are
+        claimed whatever it says, since their analyses count in the window already. Each
         claimed row's epoch is bumped. Leased rows are in neither index the claim reads, so
         its cost does not grow with the rows the workers hold. A claim does not renew the
         worker's other leases: :meth:`renew` does (``LeaseKeeper.run``). Idempotent under
@@ -457,7 +500,8 @@ class RunStore:
                        -- stable, so the index can use it; never later than clock_timestamp(),
                        -- so the old holder's fence agrees the lease is over
                        AND lease_expires_at <= statement_timestamp()
-                       AND (state <> 'submitted' OR $5::text IS NULL OR api_key_fp = $5)
+                       AND (state = 'pending' OR $5::text IS NULL OR api_key_fp = $5
+                            OR api_key_fp IS NULL)
                      ORDER BY (state <> 'submitted'), line, key
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED
@@ -465,12 +509,17 @@ class RunStore:
                     SELECT key, state, line FROM bulk_engine.rows
                      WHERE run = $1 AND state IN ('pending', 'submitting', 'submitted')
                        AND lease_expires_at IS NULL
-                       AND (state <> 'submitted' OR $5::text IS NULL OR api_key_fp = $5)
+                       AND (state = 'pending' OR $5::text IS NULL OR api_key_fp = $5
+                            OR api_key_fp IS NULL)
                      ORDER BY (state <> 'submitted'), line, key
                      LIMIT $3
                      FOR UPDATE SKIP LOCKED
                 ), free AS (
-                    SELECT key FROM (SELECT * FROM expired UNION ALL SELECT * FROM never) f
+                    SELECT key FROM (
+                        SELECT f.*, row_number() OVER (PARTITION BY f.state = 'pending'
+                                                       ORDER BY f.line, f.key) AS nth
+                          FROM (SELECT * FROM expired UNION ALL SELECT * FROM never) f) g
+                     WHERE g.state <> 'pending' OR $7::integer IS NULL OR g.nth <= $7
                      ORDER BY (state <> 'submitted'), line, key
                      LIMIT $3
                 )
@@ -482,9 +531,9 @@ class RunStore:
                  WHERE r.run = $1 AND r.key = free.key
                 RETURNING r.key, r.id, r.folder, r.line, r.options, r.state, r.token,
                           r.api_run_id, r.fingerprint, r.path, r.generation,
-                          extract(epoch FROM r.submitted_at) AS submitted_at, r.api_key_fp,
-                          r.possible_duplicate, r.epoch
-                """, self.run.id, worker, n, float(lease_s), api_key_fp, claim_id)
+                          extract(epoch FROM r.submitted_at)::float8 AS submitted_at,
+                          r.api_key_fp, r.possible_duplicate, r.epoch, r.request_fp
+                """, self.run.id, worker, n, float(lease_s), api_key_fp, claim_id, max_new)
             return rows
 
         recs = await self.db.run(op, what="claim rows")
@@ -518,6 +567,35 @@ class RunStore:
 
         return await self.db.run(op, what="renew leases")
 
+    async def claim_key(self, worker: str, key: str, lease_s: float) -> ClaimedRow | None:
+        """Lease the row ``key`` to ``worker`` if it is free (None if it is not, or is done).
+
+        For callers that name their row (the journal adapter given a row it never claimed);
+        workers take rows with :meth:`claim`. Idempotent under ``Database.run``'s retries.
+        """
+        claim_id = uuid.uuid4()
+
+        async def op(c: Conn) -> asyncpg.Record | None:
+            rec: asyncpg.Record | None = await c.fetchrow(
+                f"""
+                UPDATE bulk_engine.rows AS r
+                   SET lease_owner = $3, epoch = r.epoch + 1, claim_id = $5,
+                       lease_expires_at = clock_timestamp() + make_interval(secs => $4),
+                       updated_at = clock_timestamp()
+                 WHERE r.run = $1 AND r.key = $2 AND r.state <> 'done'
+                   AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= clock_timestamp())
+                RETURNING {_CLAIMED_COLUMNS}
+                """, self.run.id, enc(key), worker, float(lease_s), claim_id)
+            if rec is None:  # a retry whose first attempt committed: the row is ours already
+                rec = await c.fetchrow(
+                    f"SELECT {_CLAIMED_COLUMNS} FROM bulk_engine.rows WHERE run = $1 "
+                    "AND key = $2 AND lease_owner = $3 AND claim_id = $4 AND state <> 'done'",
+                    self.run.id, enc(key), worker, claim_id)
+            return rec
+
+        rec = await self.db.run(op, what="claim a row")
+        return None if rec is None else _claimed(rec, worker)
+
     # ------------------------------------------------------------------ transitions
 
     async def _fenced(self, lease: RowLease, sql: str, *args: Any, what: str) -> bool:
@@ -527,26 +605,31 @@ class RunStore:
         return status.rsplit(" ", 1)[-1] != "0"
 
     async def mark_submitting(self, lease: RowLease, *, generation: int, fingerprint: str,
-                              path: str, api_key_fp: str, min_lease_s: float = 0.0) -> bool:
+                              path: str, api_key_fp: str, min_lease_s: float = 0.0,
+                              request_fp: str | None = None) -> bool:
         """Record that POST /case of ``generation`` is about to go (call BEFORE sending).
 
-        A row left ``submitting`` by an earlier claim is flagged ``possible_duplicate`` (a
-        retry of this same call is not). ``min_lease_s``: refuse unless the lease has at least
-        that long left (an upload must not outlive it).
+        A row still ``submitting`` (left by an earlier claim that died mid-POST, or sent again
+        by this one) is flagged ``possible_duplicate``; a retry of this very call after a lost
+        answer is not (each call has its own id). ``min_lease_s``: refuse unless the lease has
+        at least that long left. ``request_fp``: the request identity, for whoever takes over
+        the row's token to compare with the folder as it is then.
         """
+        submit_id = uuid.uuid4()
         return await self._fenced(lease, f"""
             UPDATE bulk_engine.rows
                SET state = 'submitting', generation = $5, fingerprint = $6, path = $7,
                    api_key_fp = $8, token = NULL, api_run_id = NULL, submit_epoch = $4,
-                   -- left submitting by another claim (a crash mid-POST): maybe two runs.
-                   -- By this claim: a retry of this very call, not a second POST.
+                   request_fp = $10, submit_id = $11,
+                   -- still submitting from another call (a crash mid-POST, a second intent):
+                   -- maybe two runs. The same call retried after a lost answer: not a POST.
                    possible_duplicate = possible_duplicate OR (
-                       state = 'submitting' AND submit_epoch IS DISTINCT FROM $4),
+                       state = 'submitting' AND submit_id IS DISTINCT FROM $11),
                    updated_at = clock_timestamp()
              WHERE {_FENCE} AND state IN ('pending', 'submitting')
                AND lease_expires_at > clock_timestamp() + make_interval(secs => $9)
-            """, generation, fingerprint, enc(path), api_key_fp, float(min_lease_s),
-            what="mark a row submitting")
+            """, generation, fingerprint, enc(path), api_key_fp, float(min_lease_s), request_fp,
+            submit_id, what="mark a row submitting")
 
     async def mark_submitted(self, lease: RowLease, token: str, *, submitted_at: float,
                              api_run_id: str | None = None) -> bool:
@@ -573,6 +656,12 @@ class RunStore:
                    updated_at = clock_timestamp()
              WHERE {_FENCE} AND state IN ('pending', 'submitting', 'submitted')
             """, generation, what="mark a row pending")
+
+    async def forget(self, lease: RowLease) -> bool:
+        """Delete a row that is not done (it left the manifest: it gets no line)."""
+        return await self._fenced(lease, f"""
+            DELETE FROM bulk_engine.rows WHERE {_FENCE} AND state <> 'done'
+            """, what="forget a row")
 
     async def mark_possible_duplicate(self, lease: RowLease) -> bool:
         """Flag a row whose submit may have created a second run server-side."""
@@ -618,12 +707,16 @@ class RunStore:
             "SELECT *, extract(epoch FROM lease_expires_at - clock_timestamp()) AS lease_left "
             "FROM bulk_engine.rows WHERE run = $1 AND key = $2", self.run.id, enc(key)),
             what="read a row")
-        if rec is None:
-            return None
-        out = dict(rec)
-        for name in ("key", "id", "folder", "path"):
-            out[name] = dec(out[name])
-        return out
+        return None if rec is None else _decoded(rec)
+
+    async def rows_in(self, state: RowState, *, limit: int = EXPORT_PAGE) -> list[dict[str, Any]]:
+        """The first ``limit`` rows in ``state``, in manifest order, as :meth:`get` gives them
+        (for the journal adapter and diagnostics; workers learn their rows from claims)."""
+        recs = await self.db.run(lambda c: c.fetch(
+            "SELECT *, NULL::float8 AS lease_left FROM bulk_engine.rows "
+            "WHERE run = $1 AND state = $2 ORDER BY line, key LIMIT $3",
+            self.run.id, RowState(state).value, limit), what="list rows")
+        return [_decoded(r) for r in recs]
 
     async def counts(self) -> RunCounts:
         """Rows per state (every state present), done rows per outcome, rows under lease."""
@@ -774,6 +867,13 @@ class RunStore:
         return int(status.rsplit(" ", 1)[-1])
 
 
+def _decoded(rec: asyncpg.Record) -> dict[str, Any]:
+    out = dict(rec)
+    for name in ("key", "id", "folder", "path"):
+        out[name] = dec(out[name])
+    return out
+
+
 def _run_info(rec: asyncpg.Record) -> RunInfo:
     return RunInfo(rec["id"], rec["name"], rec["settings_fingerprint"], rec["settings_summary"],
                    rec["loaded_at"] is not None, rec["rows_total"])
@@ -807,7 +907,11 @@ class LeaseKeeper:
         self._claim_sent: float | None = None  # the first claim no renewal covers yet
         self._claim_done = -math.inf  # when the last claim came back
         self.renewals = 0
+        # Renewals sent once the horizon had passed: leases may have run out before them (and
+        # been claimed by others). A worker compares it with the count it last acted on.
+        self.lapses = 0
         self.lost = asyncio.Event()  # set when the horizon passed while renewing
+        self._renewed = asyncio.Event()  # set (and replaced) by every renewal that succeeds
 
     def horizon(self) -> float:
         """Until when (this process's clock) every held lease is surely current."""
@@ -822,10 +926,18 @@ class LeaseKeeper:
         """Seconds the leases are surely valid for (negative: past the horizon)."""
         return self.horizon() - self.clock.now()
 
-    async def claim(self, n: int) -> list[ClaimedRow]:
-        """Claim up to ``n`` rows for ``lease_s``."""
+    async def wait_valid(self) -> None:
+        """Return once every held lease is surely current (at once if it is)."""
+        while not self.valid():
+            await self._renewed.wait()
+
+    async def claim(self, n: int, *, api_key_fp: str | None = None,
+                    max_new: int | None = None) -> list[ClaimedRow]:
+        """Claim up to ``n`` rows for ``lease_s`` (see :meth:`RunStore.claim`; ``api_key_fp``
+        defaults to the keeper's)."""
         sent = self.clock.now()
-        rows = await self.store.claim(self.worker, n, self.lease_s, api_key_fp=self.api_key_fp)
+        rows = await self.store.claim(self.worker, n, self.lease_s,
+                                      api_key_fp=api_key_fp or self.api_key_fp, max_new=max_new)
         if rows and self._claim_sent is None:
             self._claim_sent = sent
         self._claim_done = self.clock.now()
@@ -834,13 +946,18 @@ class LeaseKeeper:
     async def renew(self) -> int:
         """Extend every lease held; a renewal sent after the last claim returned covers it."""
         sent = self.clock.now()
+        horizon = self.horizon()
         n = await self.store.renew(self.worker, self.lease_s)
+        if -math.inf < horizon <= sent:
+            self.lapses += 1
         self.renewals += 1
         self._renewed_sent = sent if self._renewed_sent is None else max(self._renewed_sent,
                                                                          sent)
         if sent >= self._claim_done:
             self._claim_sent = None
         self.lost.clear()
+        self._renewed.set()
+        self._renewed = asyncio.Event()
         return n
 
     async def run(self) -> None:

@@ -10,7 +10,7 @@ worker applies what is missing, the others wait for it, then find nothing to do.
 transactional in PostgreSQL, so a worker killed mid-migration leaves no half schema. A database
 migrated by a newer bulk_engine is refused (ConfigError) rather than misread.
 
-Tables (``MIGRATIONS[0]``):
+Tables (``MIGRATIONS[0]``, then what later migrations add):
 
 * ``meta``: ``key_salt``, the random salt of API-key fingerprints (never a key).
 * ``runs``: one per backfill (``--run NAME`` or derived from the manifest and settings), with the
@@ -24,6 +24,11 @@ Tables (``MIGRATIONS[0]``):
 * ``governors``: one per API key fingerprint: GCRA state on the database clock, the shared
   ``Retry-After`` pause, the 429 back-off, and the parallel-analysis window.
 
+``MIGRATIONS[1]`` adds to ``rows`` the request identity of the last submission (``request_fp``:
+what a worker that takes over a live token compares with the folder as it is now) and the id of
+the ``mark_submitting`` call that set ``submitting`` (``submit_id``: a retry of that very call is
+not a second POST; any other call on a row still ``submitting`` is, and flags it).
+
 The governor's arithmetic is SQL functions (``gov_rate``, ``gov_step``, ``gov_throttled``,
 ``gov_pause``) so that a reservation is one ``UPDATE … RETURNING`` holding the row lock for
 microseconds; ``governor.py`` holds the same arithmetic in Python for its unit tests.
@@ -31,11 +36,15 @@ microseconds; ``governor.py`` holds the same arithmetic in Python for its unit t
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from bulk_engine.errors import ConfigError
-from bulk_engine.pg.connect import Conn
 from bulk_engine.vocab import RowState, Status
+
+if TYPE_CHECKING:  # connect.py imports this module to migrate: no cycle at run time
+    from bulk_engine.pg.connect import Conn
+
+__all__ = ["MIGRATIONS", "MIGRATION_LOCK", "SCHEMA", "SCHEMA_VERSION", "migrate", "schema_version"]
 
 SCHEMA: Final = "bulk_engine"
 #: Key of the advisory lock that serializes migrations (any fixed 64-bit number: "bulk_eng").
@@ -267,9 +276,15 @@ END
 $$;
 """
 
+_V2 = """
+ALTER TABLE bulk_engine.rows ADD COLUMN request_fp text;  -- client.request_identity, last POST
+ALTER TABLE bulk_engine.rows ADD COLUMN submit_id uuid;   -- the mark_submitting call that set it
+"""
+
 #: (version, description, SQL). Append only: a released migration is never edited.
 MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
     (1, "runs, rows, workers, governors", _V1),
+    (2, "rows: request identity, submitting call id", _V2),
 )
 SCHEMA_VERSION: Final = MIGRATIONS[-1][0]
 
