@@ -56,7 +56,7 @@ async def test_the_window_finds_a_cap_and_folders_stop_queueing(tmp_path: Path) 
     a, f = adaptive.summary.to_json(), fixed.summary.to_json()
     assert a["polls_per_folder"] < 0.6 * f["polls_per_folder"]
     window = a["window"]
-    assert window["phase"] != "fixed" and 10 <= window["limit"] <= 30
+    assert window["phase"] != "fixed" and 10 <= window["limit"] <= 60  # not 2000
     assert f["window"]["phase"] == "fixed"
     wall = {name: r.summary.span for name, r in (("fixed", fixed), ("adaptive", adaptive))}
     assert wall["adaptive"] is not None and wall["fixed"] is not None
