@@ -66,6 +66,7 @@ __all__ = [
     "RebuildReport",
     "RowRecord",
     "describe_sqlite_error",
+    "lock_exclusively",
     "settings_fingerprint",
     "settings_summary",
 ]
@@ -746,11 +747,19 @@ def describe_sqlite_error(path: Path, exc: sqlite3.Error) -> str:
 
 def _take_lock(path: Path, timeout: float) -> int:
     """flock ``<path>.lock`` exclusively, waiting up to ``timeout`` s; returns the held fd."""
-    lock_path = Path(f"{path}.lock")
+    return lock_exclusively(
+        Path(f"{path}.lock"), timeout, what="journal lock",
+        busy=f"journal {path} is in use by another running bulk_engine process; wait for it to "
+             "finish or use another --output")
+
+
+def lock_exclusively(lock_path: Path, timeout: float, *, what: str, busy: str) -> int:
+    """``flock`` ``lock_path`` (created if needed) exclusively, waiting up to ``timeout`` s;
+    returns the held fd. ConfigError ``busy`` when another process holds it."""
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot open journal lock {lock_path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot open the {what} {lock_path}: {exc.strerror}") from None
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -759,10 +768,7 @@ def _take_lock(path: Path, timeout: float) -> int:
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
                 os.close(fd)
-                raise ConfigError(
-                    f"journal {path} is in use by another running bulk_engine process; "
-                    "wait for it to finish or use another --output"
-                ) from None
+                raise ConfigError(busy) from None
             time.sleep(0.05)
 
 

@@ -43,7 +43,7 @@ from bulk_engine import vocab
 from bulk_engine.config import ANALYSE_TYPES, Settings
 from bulk_engine.errors import ConfigError, ManifestError
 from bulk_engine.models import BadRow, FileEntry, Job, fingerprint_folder, row_key
-from bulk_engine.s3.listing import S3Entry
+from bulk_engine.s3.listing import S3Entry, size_text
 from bulk_engine.s3.url import S3Url, is_s3_url, parse_s3_url
 
 if TYPE_CHECKING:
@@ -125,17 +125,6 @@ class ProducerStats:
 # ───────────────────────────── folder listing ─────────────────────────────
 
 
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} bytes"
-    x = n / 1024
-    for unit in ("KiB", "MiB"):
-        if x < 1024:
-            return f"{x:.1f} {unit} ({n} bytes)"
-        x /= 1024
-    return f"{x:.1f} GiB ({n} bytes)"
-
-
 def _check_file(path: str, name: str, max_file_size: int) -> os.stat_result:
     """Prove a file is a readable regular file within the size limit, without blocking."""
     if not os.access(path, os.R_OK):
@@ -162,8 +151,8 @@ def _check_file(path: str, name: str, max_file_size: int) -> os.stat_result:
     if st.st_size > max_file_size:
         raise ManifestError(
             "file_too_large",
-            f"file {name!r} is {_size(st.st_size)}, above max_file_size "
-            f"({_size(max_file_size)}); raise --max-file-size or remove the file",
+            f"file {name!r} is {size_text(st.st_size)}, above max_file_size "
+            f"({size_text(max_file_size)}); raise --max-file-size or remove the file",
         )
     return st
 

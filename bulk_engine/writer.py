@@ -26,11 +26,9 @@ Only one process writes an output at a time: :func:`lock_output` holds ``<output
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +39,8 @@ import anyio.abc
 import structlog
 
 from bulk_engine.clock import Clock, MonotonicClock
-from bulk_engine.errors import ConfigError, StorageError
-from bulk_engine.journal import RETRYING, Journal, RebuildReport
+from bulk_engine.errors import StorageError
+from bulk_engine.journal import RETRYING, Journal, RebuildReport, lock_exclusively
 from bulk_engine.models import Outcome, row_key
 from bulk_engine.vocab import Status
 
@@ -114,25 +112,10 @@ class OutputLock:
         self._fd: int | None = None
 
     def acquire(self, timeout: float = 1.0) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the output's lock {self.path}: "
-                              f"{exc.strerror}") from None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise ConfigError(
-                        f"output {self.path.with_suffix('')} is being written by another "
-                        "running bulk_engine process; wait for it to finish or choose another "
-                        "--output") from None
-                time.sleep(0.05)
+        self._fd = lock_exclusively(
+            self.path, timeout, what="output's lock",
+            busy=f"output {self.path.with_suffix('')} is being written by another running "
+                 "bulk_engine process; wait for it to finish or choose another --output")
 
     def release(self) -> None:
         if self._fd is not None:

@@ -51,6 +51,7 @@ __all__ = [
     "S3Leaf",
     "fingerprint",
     "mtime_ns",
+    "size_text",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -142,7 +143,8 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
+    """A file size for a message: ``12.3 MiB (12897485 bytes)``."""
     if n < 1024:
         return f"{n} bytes"
     x = n / 1024
@@ -197,8 +199,8 @@ class FolderListing:
                     more = f" (and {len(big) - 1} more problem(s) in this folder)"
                 raise ManifestError(
                     "file_too_large",
-                    f"in folder {where}: file {big[0].key[start:]!r} is {_size(big[0].size)}, "
-                    f"above max_file_size ({_size(max_file_size)}); raise --max-file-size or "
+                    f"in folder {where}: file {big[0].key[start:]!r} is {size_text(big[0].size)}, "
+                    f"above max_file_size ({size_text(max_file_size)}); raise --max-file-size or "
                     f"remove the object{more}",
                 )
         if not files:
