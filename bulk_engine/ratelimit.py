@@ -55,6 +55,8 @@ from typing import Any, Protocol
 from bulk_engine.clock import Clock
 from bulk_engine.tuning import RateController
 
+__all__ = ["PRIORITY_POLL", "PRIORITY_SUBMIT", "Limiter", "RateLimiter", "RateLimiterStatistics"]
+
 PRIORITY_POLL = 0
 PRIORITY_SUBMIT = 1
 

@@ -1,10 +1,10 @@
 """A local emulator of the Case Analysis API, for tests, benchmarks and the demo.
 
-Faithful to ``reference/case-api.md``: streamed multipart ``POST /case`` (sync 200 or async 202
-with a Fernet ``retrieve_token`` bound to the key), ``POST /case/retrieve`` with its
-200/202/401/403/404/500 table, a per-key cap on parallel analyses, result expiry, a per-key rate
-limit (429 + ``Retry-After``), ``Idempotency-Key`` replays and injectable faults. Verdicts are
-deterministic from the uploaded content (``verdict.py``), so callers can predict them.
+Faithful to the API as documented in ``docs/api.md``: streamed multipart ``POST /case`` (sync
+200 or async 202 with a Fernet ``retrieve_token`` bound to the key), ``POST /case/retrieve``
+with its 200/202/401/403/404/500 table, a per-key cap on parallel analyses, result expiry, a
+per-key rate limit (429 + ``Retry-After``), ``Idempotency-Key`` replays and injectable faults.
+Verdicts are deterministic from the uploaded content (``verdict.py``), so callers can predict them.
 
 Modules: ``config`` (settings), ``verdict`` (results), ``upload`` (reading one submission),
 ``state`` (runs, slots, buckets, counters), ``app`` (HTTP handlers), ``server`` (in-process

@@ -1,3 +1,5 @@
 from bulk_engine.emulator.cli import main
 
+__all__: list[str] = []
+
 raise SystemExit(main())

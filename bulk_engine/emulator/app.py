@@ -4,7 +4,7 @@
 ``POST /case/retrieve``) passes the gate middleware first, in this order: injected 503
 (``error_rate``, before anything else), ``api-key`` check (401), per-key rate limit (429 with
 ``Retry-After``); then the handler; then an optional injected stall before the answer leaves.
-Handlers turn ``upload.py`` and ``state.py`` results into the answers of ``case-api.md``.
+Handlers turn ``upload.py`` and ``state.py`` results into the answers of the API (``docs/api.md``).
 ``GET /_emulator/stats``, ``GET /_emulator/submissions`` and ``GET``/``POST /_emulator/limits``
 (the per-key cap and rate limit, changeable mid-run for tests and benchmarks) need no key and
 inject no fault.
@@ -31,6 +31,8 @@ from bulk_engine.emulator.state import (
     Submission,
 )
 from bulk_engine.emulator.upload import UploadError, read_upload
+
+__all__ = ["MAX_IDEMPOTENCY_KEY_LENGTH", "STATE_KEY", "Handler", "create_app"]
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 _KEY_INDEX = web.RequestKey("emulator_key_index", int)
@@ -196,7 +198,7 @@ def _final_answer(state: EmulatorState, run: Run) -> web.Response:
 
 
 async def _retrieve(request: web.Request) -> web.StreamResponse:
-    """``POST /case/retrieve``: the status table of ``case-api.md`` (200/202/401/403/404/500)."""
+    """``POST /case/retrieve``: the status table of ``docs/api.md`` (200/202/401/403/404/500)."""
     state = request.app[STATE_KEY]
     key_index = request[_KEY_INDEX]
     try:

@@ -21,6 +21,8 @@ from typing import Any
 from bulk_engine.emulator.config import EmulatorConfig, load_profile
 from bulk_engine.emulator.server import run_emulator
 
+__all__ = ["ENV_API_KEYS", "build_parser", "config_from_args", "main"]
+
 ENV_API_KEYS = "BULK_ENGINE_EMULATOR_API_KEYS"
 
 

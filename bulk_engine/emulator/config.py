@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+__all__ = ["FAULT_RATES", "MIB", "EmulatorConfig", "load_profile"]
+
 MIB = 1024 * 1024
 
 #: The fault knobs: a probability each, drawn per request (see ``EmulatorConfig``).

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["EmulatorProcess", "emulator_process"]
+
 _MARKER = "listening on "
 
 

@@ -20,6 +20,8 @@ from bulk_engine.emulator.app import STATE_KEY, create_app
 from bulk_engine.emulator.config import EmulatorConfig
 from bulk_engine.emulator.state import EmulatorState
 
+__all__ = ["Emulator", "run_emulator"]
+
 
 @dataclass(frozen=True)
 class Emulator:

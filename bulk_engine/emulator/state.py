@@ -30,6 +30,17 @@ from bulk_engine.emulator.config import EmulatorConfig
 from bulk_engine.emulator.upload import Upload, UploadedFile
 from bulk_engine.emulator.verdict import expected_result
 
+__all__ = [
+    "FAULT_KINDS",
+    "EmulatorState",
+    "FaultKind",
+    "IdempotencyConflict",
+    "Run",
+    "RunStatus",
+    "Submission",
+    "TokenBucket",
+]
+
 RunStatus = Literal["queued", "running", "completed", "failed", "expired"]
 FaultKind = Literal["reset_before_body", "drop_after_create", "stall", "malformed_json"]
 FAULT_KINDS: tuple[FaultKind, ...] = (

@@ -18,6 +18,17 @@ from aiohttp import BodyPartReader, web
 
 from bulk_engine.emulator.verdict import ANALYSE_TYPES, content_digest
 
+__all__ = [
+    "CHUNK_SIZE",
+    "MAX_PAYLOAD_BYTES",
+    "Payload",
+    "Upload",
+    "UploadError",
+    "UploadedFile",
+    "parse_payload",
+    "read_upload",
+]
+
 CHUNK_SIZE = 64 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
 

@@ -15,6 +15,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+__all__ = ["ANALYSE_TYPES", "SHARE_LINK_PREFIX", "content_digest", "expected_result"]
+
 ANALYSE_TYPES = ("decision", "explanation", "share_link")
 SHARE_LINK_PREFIX = "https://app.finovox.com/share/case-management/"
 
