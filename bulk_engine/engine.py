@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_CONCURRENT_POLLS",
+    "MIN_ADAPTIVE_WINDOW",
     "Engine",
     "RunResult",
     "RunStatistics",
@@ -88,6 +89,9 @@ log = get_logger()
 
 # Concurrent polls at most; the connection pool holds them and the uploads.
 MAX_CONCURRENT_POLLS = 64
+# Below this --max-outstanding the window stays fixed (the controller learns from a warm-up of
+# at least 4 folders at once).
+MIN_ADAPTIVE_WINDOW = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,19 +406,23 @@ class Engine:
         if snapshot is not None and self.settings.rate_limit is None:
             self.limiter = self._new_limiter(self.settings, snapshot.rate_controller())
 
-    def _window(self) -> OutstandingWindow:
+    def _window_controller(self) -> WindowController | None:
+        """The adaptive window's controller (None: a fixed window of ``max_outstanding``),
+        warm-started from what the last run with this key learned."""
         s = self.settings
-        controller: WindowController | None = None
-        if s.adaptive_window:
-            # Start at the documented cap (10) or below max_outstanding, whichever is lower.
-            bounds: dict[str, Any] = dict(
-                min_limit=min(2, s.max_outstanding), max_limit=s.max_outstanding,
-                initial_limit=min(10, s.max_outstanding), warmup=min(10, s.max_outstanding))
-            controller = (self._learned.window_controller(**bounds)
-                          if self._learned is not None and self._learned.window
-                          else WindowController(**bounds))
-        return OutstandingWindow(max_outstanding=s.max_outstanding, controller=controller,
-                                 clock=self.clock)
+        if not s.adaptive_window or s.max_outstanding < MIN_ADAPTIVE_WINDOW:
+            return None  # a bound this small is the window: nothing to learn under it
+        # Start at the documented cap (10) or below max_outstanding, whichever is lower.
+        bounds: dict[str, Any] = dict(
+            min_limit=min(2, s.max_outstanding), max_limit=s.max_outstanding,
+            initial_limit=min(10, s.max_outstanding), warmup=min(10, s.max_outstanding))
+        if self._learned is not None and self._learned.window:
+            return self._learned.window_controller(**bounds)
+        return WindowController(**bounds)
+
+    def _window(self) -> OutstandingWindow:
+        return OutstandingWindow(max_outstanding=self.settings.max_outstanding,
+                                 controller=self._window_controller(), clock=self.clock)
 
     def _save_learned(self, learned: LearnedLimits, journal: Journal) -> None:
         st = self._stages_

@@ -741,6 +741,8 @@ class OutstandingWindow(_Gate):
         self._waited = 0.0  # seconds someone waited for a unit since the last observe
         self._wait_since = now
         self._blocked = False  # someone started waiting since the last observe
+        self._holding = False  # a caller other than acquire() is held back (see hold)
+        self._hold_since = now
 
     @property
     def limit(self) -> int:
@@ -782,17 +784,38 @@ class OutstandingWindow(_Gate):
         if self.controller is not None:
             self.controller.pending(key, self._now())
 
+    def hold(self, held: bool) -> None:
+        """Whether work is being held back by this window without waiting in ``acquire``: the
+        ``--db`` claim loop, which claims no row while its lane's window (or the key's window
+        shared by every worker) is full. The controller counts that time as submitters
+        waiting, so the window can grow when it binds and be cut when it holds a queue."""
+        if held == self._holding:
+            return
+        self._holding = held
+        if self._clock is None:
+            return
+        now = self._clock.now()
+        if held:
+            self._hold_since = now
+            self._blocked = True
+        else:
+            self._waited += max(0.0, now - self._hold_since)
+
     def observe(self, key: Hashable, lower: float, upper: float) -> None:
         """The folder was found done (200 or 500) between ``lower`` and ``upper`` s after its
         202, as the poll scheduler measures it; ``release`` follows when its row is written."""
         if self.controller is None:
             return
         now = self._now()
+        if self._holding:  # the hold so far counts for this observation; the rest, later
+            self._waited += max(0.0, now - self._hold_since)
+            self._hold_since = now
         waited = self._waited + (now - self._wait_since if self.waiting else 0.0)
         if self._blocked and waited <= 0.0:
             waited = 1e-9  # someone waited, if only for an instant
         self.controller.done(key, lower, upper, now, waited=waited)
-        self._waited, self._wait_since, self._blocked = 0.0, now, bool(self.waiting)
+        self._waited, self._wait_since = 0.0, now
+        self._blocked = bool(self.waiting) or self._holding
         self._dispatch()
 
     def requeue(self, key: Hashable) -> None:

@@ -146,22 +146,3 @@ def test_bench_cap_compare_runs_three_windows_side_by_side(tmp_path: Path) -> No
     assert [r["settings"]["max_outstanding"] for r in runs[1:]] == [2000, 12]
     assert all(r["completed"] == 4 for r in runs)
 
-
-def test_bench_autorate_runs_hand_and_auto(tmp_path: Path) -> None:
-    """`bench_autorate.py` at one R: the hand-set and the auto run, efficiency and 429 share."""
-    out = run([str(BENCH / "bench_autorate.py"), "--rates", "20", "--folders", "6",
-               "--processing-time", "0:0.05", "--json", "a.json"], tmp_path)
-    assert "efficiency" in out and "429 share" in out
-    (r,) = json.loads((tmp_path / "a.json").read_text())["runs"]
-    assert r["rate"] == 20 and r["hand"]["completed"] == r["auto"]["completed"] == 6
-    assert r["hand"]["final_rate"] == 20  # a numeric --rate-limit is the rate, not a probe
-
-
-def test_sim_backfill_loses_nothing_to_expiry(tmp_path: Path) -> None:
-    """`sim_backfill.py` at bench_cap's constants: every window setting, 0 results lost."""
-    out = run([str(BENCH / "sim_backfill.py"), "--folders", "60", "--processing-time", "3:12",
-               "--poll-min", "1", "--poll-max", "3", "--json", "s.json"], tmp_path)
-    assert "lost to expiry" in out and "-> met" in out
-    results = json.loads((tmp_path / "s.json").read_text())["results"]
-    assert [r["label"] for r in results] == ["fixed 2000", "fixed 12", "adaptive (<= 2000)"]
-    assert all(r["completed"] == 60 and r["lost_to_expiry"] == 0 for r in results)

@@ -124,6 +124,44 @@ async def test_failed_rows_give_exit_2_and_retry_failed_redoes_them_in_place(
     assert_one_right_line_per_row(read_lines(out), manifest)
 
 
+async def test_the_adaptive_window_is_learned_by_the_lane_and_shared_by_the_key(
+        tmp_path: Path, pg_dsn: str) -> None:
+    """Defaults (adaptive window) with --db: the lane learns the key's parallel capacity from
+    its folders, bounds its claims by it, and publishes it as the key's window in the governor
+    row, the bound every worker reads for new rows. A worker with a fixed window clears it
+    (its bound is every worker's max_outstanding)."""
+    manifest = make_archive(tmp_path / "a", 30, seed=3)
+    key = KEYS[0]
+    cfg = EmulatorConfig(api_keys=(key,), processing_time=(0.1, 0.3), max_parallel_analyses=3,
+                         seed=2)
+    async with run_emulator(cfg) as emu:
+        adaptive = PgWorker(engine_settings(emu.base_url, tmp_path / "unused.jsonl",
+                                            api_key=key, db=pg_dsn, lease=5.0, run="adaptive",
+                                            adaptive_window=True, max_outstanding=40),
+                            manifest)
+        result = await adaptive.run()
+        runs = emu.stats()["runs_created"]
+    assert result.exit_code == 0, result.summary.to_json()
+    assert runs == 30
+    window = adaptive.statistics().window
+    assert window is not None and window.phase != "fixed" and window.observations >= 20
+    assert 2 <= window.limit <= 40 and window.in_use == 0
+    db = await Database.connect(pg_dsn)
+    try:
+        gov = await Governor.open(db, key, rate=500.0, burst=50, configure=False)
+        assert await gov.window() == (window.limit, 0)  # the shared window: what it learned
+        async with run_emulator(cfg) as emu:
+            fixed = PgWorker(engine_settings(emu.base_url, tmp_path / "unused.jsonl",
+                                             api_key=key, db=pg_dsn, lease=5.0, run="fixed",
+                                             max_outstanding=40), manifest)
+            assert (await fixed.run()).exit_code == 0
+        assert fixed.statistics().window is not None
+        assert fixed.statistics().window.phase == "fixed"  # type: ignore[union-attr]
+        assert await gov.window() == (None, 0)  # cleared: max_outstanding bounds new rows
+    finally:
+        await db.close()
+
+
 async def test_rows_a_key_submitted_are_claimed_only_for_that_key(pg_db: Database) -> None:
     """A live token and a row caught mid-upload go only to a claim for the key that sent them
     (its token, its Idempotency-Key); a pending row goes to any key; max_new bounds the new

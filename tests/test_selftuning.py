@@ -63,6 +63,19 @@ async def test_the_window_finds_a_cap_and_folders_stop_queueing(tmp_path: Path) 
     assert wall["adaptive"] <= 1.35 * wall["fixed"]  # the cap stays busy
 
 
+async def test_a_max_outstanding_below_4_is_a_fixed_window(tmp_path: Path) -> None:
+    """--max-outstanding 3 with the adaptive window on (the default): the bound is the window
+    (the controller needs a warm-up of 4 folders at once), not a crash."""
+    manifest = make_archive(tmp_path / "a", 6, seed=4)
+    async with run_emulator(EmulatorConfig(api_keys=(API_KEY,), processing_time=(0.01, 0.05),
+                                           seed=3)) as emu:
+        result = await run(emu, manifest, tmp_path / "out.jsonl", adaptive_window=True,
+                           max_outstanding=3, concurrency=2)
+    assert result.exit_code == 0 and len(read_lines(tmp_path / "out.jsonl")) == 6
+    assert result.summary.to_json()["window"] == {**result.summary.to_json()["window"],
+                                                  "phase": "fixed", "limit": 3}
+
+
 async def test_auto_rate_finds_the_key_s_limit_with_few_429s(tmp_path: Path) -> None:
     """The key allows 25 calls/s, the engine is not told: ``--rate-limit auto`` climbs, takes
     the rate at its first 429s as the limit and settles under it; every row completes, and

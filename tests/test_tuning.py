@@ -330,6 +330,37 @@ async def test_adaptive_window_reports_how_long_submitters_waited() -> None:
         OutstandingWindow(controller=WindowController())
 
 
+async def test_time_held_back_outside_acquire_counts_as_waiting() -> None:
+    """``hold``: the --db claim loop, held back by a full window without calling acquire, is
+    reported to the controller as waiting, split between the folders seen done meanwhile."""
+    clock = FakeClock()
+    seen: list[float] = []
+
+    class Spy(WindowController):
+        def done(self, key: object, lower: float, upper: float, now: float, *,
+                 waited: float = 0.0) -> None:
+            seen.append(waited)
+            super().done(key, lower, upper, now, waited=waited)
+
+    w = OutstandingWindow(max_outstanding=50, controller=Spy(initial_limit=4, warmup=4),
+                          clock=clock)
+    for key in "abcd":
+        await w.acquire()
+        w.submitted(key)
+    w.hold(True)
+    await clock.advance(2.0)
+    w.observe("a", 0.0, 2.0)  # held 2 s so far
+    await clock.advance(1.5)
+    w.hold(False)  # 1.5 s more, then claims again
+    await clock.advance(4.0)
+    w.observe("b", 0.0, 7.5)  # the 1.5 s; not the 4 s after the hold ended
+    await clock.advance(1.0)
+    w.observe("c", 0.0, 8.5)  # nobody held back since
+    assert seen == [pytest.approx(2.0), pytest.approx(1.5), 0.0]
+    w.hold(False)  # idempotent
+    assert w.statistics().observations == 3
+
+
 # ---- the rate controller, fed by hand -------------------------------------------------------
 
 

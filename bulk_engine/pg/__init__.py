@@ -65,7 +65,8 @@ the modules above follow):
   ``store.held(worker)``. On a clean stop, ``store.release(worker)``.
 * the limiter: ``Governor`` has ``RateLimiter``'s calls (``acquire(priority)``, ``pause_for``,
   ``on_throttled``, ``on_success``, ``current_rate``): pass it to ``CaseClient`` as the limiter.
-  The outstanding window: ``gov.window()`` gives (limit, in use) across workers.
+  The outstanding window: ``gov.window()`` gives (limit, in use) across workers;
+  ``gov.set_window(limit)`` sets it (the engine's lanes publish what they learned).
 * progress: ``store.counts()`` (rows per state and outcome), ``store.workers()`` (held and done
   per worker, heartbeat age), ``gov.statistics()`` and ``gov.shared_state()``.
 * ``--retry-failed``: ``store.reset_failed()`` (a row has one line at most: no rewrite).

@@ -61,7 +61,7 @@ from bulk_engine.rules import row_stream, scratch_seen
 from bulk_engine.s3.url import S3Url
 from bulk_engine.scheduler import PollScheduler
 from bulk_engine.submitter import Submitter, sent_types
-from bulk_engine.tuning import OutstandingWindow
+from bulk_engine.tuning import OutstandingWindow, WindowController
 from bulk_engine.vocab import RowState
 
 __all__ = ["ClaimProducer", "LaneWindow", "load_manifest", "outstanding_window", "row_specs"]
@@ -105,7 +105,8 @@ async def outstanding_window(governor: Governor, settings: Settings) -> tuple[in
     may be running (``submitting`` or ``submitted``), whichever worker holds them.
     """
     limit, in_use = await governor.window()
-    return (settings.max_outstanding if limit is None else limit), in_use
+    return (settings.max_outstanding if limit is None else min(limit, settings.max_outstanding),
+            in_use)
 
 
 class LaneWindow(OutstandingWindow):
@@ -113,13 +114,18 @@ class LaneWindow(OutstandingWindow):
     taken by the submitters before each upload (a live token taken over: by the producer) and
     given back when its row ends (``Finisher``); at most ``max_outstanding``.
 
-    Fixed, not adaptive: with ``--db`` what bounds a key's analyses is its window shared by
-    every worker (:func:`outstanding_window`). It also wakes the producer whenever a unit
-    comes back (:meth:`wait_freed`): a finished row may make room for a claim.
+    Adaptive with a ``WindowController`` (the default, ``adaptive_window``), fixed without:
+    the lane learns the key's parallel capacity from its own folders' latencies, as a single
+    machine does, and :class:`ClaimProducer` publishes what it learned as the key's window
+    shared by every worker (:func:`outstanding_window`), which bounds the claims of new rows
+    across workers. Time the producer spends held back by either window counts as waiting
+    (``hold``). It also wakes the producer whenever a unit comes back (:meth:`wait_freed`): a
+    finished row may make room for a claim.
     """
 
-    def __init__(self, max_outstanding: int) -> None:
-        super().__init__(max_outstanding=max_outstanding)
+    def __init__(self, max_outstanding: int, *, controller: WindowController | None = None,
+                 clock: Clock | None = None) -> None:
+        super().__init__(max_outstanding=max_outstanding, controller=controller, clock=clock)
         self._freed = anyio.Event()
 
     def free(self) -> int:
@@ -164,6 +170,7 @@ class ClaimProducer:
         self._submitter = submitter
         self._clock = clock
         self.idle_s = min(1.0, settings.lease / 4)
+        self._published: tuple[int | None] | None = None  # (the shared window written,)
         self._accepted = self._rejected = self._resumed = 0
 
     def statistics(self) -> ProducerStatistics:
@@ -179,10 +186,12 @@ class ClaimProducer:
                     return  # a drain (SIGUSR1): no new row; the tokens held are polled out
                 free = self._window.free()
                 if free <= 0:
+                    self._window.hold(True)  # this lane's window binds
                     await self._window.wait_freed(self.idle_s)
                     continue
                 while self._scheduler.lateness() > MAX_POLL_LATENESS_S:
                     await self._clock.sleep(1.0)  # due polls first: results expire
+                await self._publish_window()
                 limit, in_use = await outstanding_window(self._governor, self.settings)
                 new = max(0, limit - in_use - self._backend.unsent(self._db_key_fp))
                 if new == 0 and self._window.in_use == 0:
@@ -190,11 +199,22 @@ class ClaimProducer:
                 rows = await self._keeper.claim(min(free, self.settings.claim_batch),
                                                 api_key_fp=self._db_key_fp, max_new=new)
                 if rows:
+                    self._window.hold(False)
                     await self._take(rows, send)
                 elif self._backend.in_flight == 0 and await self._store.finished():
                     return
                 else:
+                    self._window.hold(new == 0)  # the key's shared window binds
                     await self._window.wait_freed(self.idle_s)
+
+    async def _publish_window(self) -> None:
+        """The key's shared window is what this lane learned (adaptive), or none (fixed: every
+        worker's ``max_outstanding``). Written when it changes; the last writer wins, and every
+        worker learns from the same server, so they agree within their noise."""
+        value = self._window.limit if self._window.controller is not None else None
+        if self._published != (value,):
+            await self._governor.set_window(value)
+            self._published = (value,)
 
     async def _take(self, rows: list[ClaimedRow], send: MemoryObjectSendStream[Ticket]) -> None:
         fresh = [r for r in rows if self._backend.adopt(r, for_key=self._db_key_fp)]

@@ -225,6 +225,8 @@ class PgWorker(Engine):
             lease_lapses=parts.keeper.lapses,
             stale_slots=parts.guard.stale_grants,
             db=parts.db.statistics(),
+            # The window this worker learned (one key; with several, each key has its own).
+            window=lanes[0].window.statistics() if len(lanes) == 1 else None,
         )
 
     # ---- the run --------------------------------------------------------------------------
@@ -300,7 +302,8 @@ class PgWorker(Engine):
         """One key's stages: the single-machine ones, fed by claims, fenced by leases."""
         s = self.settings
         assert self.manifest is not None
-        window = LaneWindow(s.max_outstanding)
+        window = LaneWindow(s.max_outstanding, controller=self._window_controller(),
+                            clock=self.clock)
         finisher = Finisher(outcomes, outstanding=window, mass_failure=mass_failure)
 
         async def poll(sub: Submitted) -> PollDecision:
