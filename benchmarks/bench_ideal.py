@@ -15,6 +15,11 @@ ticker's oversleep, in the JSON) and the poll settings used.
 
     python benchmarks/bench_ideal.py                        # N = 400 (issue 3) and 2000 (issue 7)
     python benchmarks/bench_ideal.py --folders 100          # a quick look
+    python benchmarks/bench_ideal.py --folders 400 --windows adaptive fixed   # the window's cost
+
+The engine runs with its default adaptive outstanding window (``--windows adaptive``);
+``--windows adaptive fixed`` runs each N both ways, side by side (``fixed``: ``--fixed-window``,
+the engine before self-tuning), which is how the window's cost on a rate-bound run is read.
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "real API's minutes-long analyses)")
     p.add_argument("--poll-max", type=float, default=None,
                    help="engine --poll-max, s (default: MAX processing time)")
+    p.add_argument("--windows", nargs="+", choices=("adaptive", "fixed"), default=["adaptive"],
+                   help="the outstanding window(s) to run each N with (default: adaptive)")
     p.add_argument("--target", type=float, default=1.10, help="target makespan/ideal (1.10)")
     p.add_argument("--workdir", help="keep archives and outputs here (default: a temp dir)")
     p.add_argument("--json", help="also write the figures as JSON to this path")
@@ -102,12 +109,12 @@ async def run_engine(settings: Settings, manifest: Path) -> tuple[float, Any, An
     return time.perf_counter() - t0, result, (timeline, lags)
 
 
-def one_run(ns: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
+def one_run(ns: argparse.Namespace, n: int, work: Path, window: str) -> dict[str, Any]:
     lo, hi = (float(x) for x in ns.processing_time.split(":"))
     rate = ns.rate_limit
     engine_rate = ns.engine_rate or rate
     manifest = sample_archive(work / f"archive-{n}", n)
-    out = work / f"ideal-{n}.jsonl"
+    out = work / f"ideal-{n}-{window}.jsonl"
     for stale in (out, Path(f"{out}.journal")):
         stale.unlink(missing_ok=True)
     flags = emulator_flags(rate_limit=rate, burst=ns.burst, processing=(lo, hi))
@@ -117,7 +124,7 @@ def one_run(ns: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
             rate_limit=engine_rate, burst=ns.engine_burst or ns.burst, poll_min=ns.poll_min,
             poll_max=ns.poll_max,
             max_outstanding=max(2000, ns.concurrency), progress=False, seed=1,
-            log_level="warning",
+            log_level="warning", adaptive_window=window == "adaptive",
         )
         wall, result, (timeline, lags) = asyncio.run(run_engine(settings, manifest))
         est = emu.stats()
@@ -127,7 +134,8 @@ def one_run(ns: argparse.Namespace, n: int, work: Path) -> dict[str, Any]:
     ideal_mean = 2 * n / rate + l_mean
     ideal_max = 2 * n / rate + l_max
     return {
-        "folders": n, "rate_limit": rate, "engine_rate": engine_rate,
+        "folders": n, "window": window, "window_end": result.summary.to_json().get("window"),
+        "rate_limit": rate, "engine_rate": engine_rate,
         "processing_time": [lo, hi], "concurrency": ns.concurrency, "burst": ns.burst,
         "engine_burst": ns.engine_burst or ns.burst,
         "poll_min": ns.poll_min, "poll_max": ns.poll_max, "exit_code": result.exit_code,
@@ -169,16 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with workdir(ns.workdir, "bench-ideal-") as work:
         for n in ns.folders:
-            r = one_run(ns, n, work)
-            runs.append(r)
-            print(f"N={n}: wall {r['wall_s']:.1f} s, ideal {r['ideal_s_mean_L']:.1f} s, "
-                  f"ratio {r['ratio_mean_L']:.3f}", flush=True)
+            for window in ns.windows:
+                r = one_run(ns, n, work, window)
+                runs.append(r)
+                print(f"N={n} ({window} window): wall {r['wall_s']:.1f} s, ideal "
+                      f"{r['ideal_s_mean_L']:.1f} s, ratio {r['ratio_mean_L']:.3f}", flush=True)
     print()
     print(md_table(
-        ["N", "wall s", "ideal s (L=mean)", "wall/ideal", "wall/ideal (L=max)", "polls/folder",
-         "calls/folder", "429 share", "p50 latency s", "p99 latency s", "loop lag p99 ms",
-         "completed"],
-        [[r["folders"], r["wall_s"], r["ideal_s_mean_L"], r["ratio_mean_L"], r["ratio_max_L"],
+        ["N", "window", "wall s", "ideal s (L=mean)", "wall/ideal", "wall/ideal (L=max)",
+         "polls/folder", "calls/folder", "429 share", "p50 latency s", "p99 latency s",
+         "loop lag p99 ms", "completed"],
+        [[r["folders"], r["window"], r["wall_s"], r["ideal_s_mean_L"], r["ratio_mean_L"],
+          r["ratio_max_L"],
           r["polls_per_folder"], r["calls_per_folder"], f"{100 * (r['share_429'] or 0):.2f} %",
           r["latency_p50_s"], r["latency_p99_s"], r["loop_lag_ms_p50_p99_max"][1],
           f"{r['completed']}/{r['folders']}"]
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         met = r["ratio_mean_L"] <= ns.target
         ok &= met and r["completed"] == r["folders"]
-        print(f"N={r['folders']}: wall/ideal {r['ratio_mean_L']:.3f} "
+        print(f"N={r['folders']} ({r['window']} window): wall/ideal {r['ratio_mean_L']:.3f} "
               f"{'<=' if met else '>'} target {ns.target:.2f} -> {'met' if met else 'MISSED'}")
     save_json(ns.json, {"machine": mach, "argv": sys.argv, "runs": runs})
     return 0 if ok else 3

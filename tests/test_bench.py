@@ -64,10 +64,13 @@ def test_bench_command_prints_table_plot_and_recommendation(tmp_path: Path) -> N
 
 def test_bench_ideal_prints_ratio_polls_and_429_share(tmp_path: Path) -> None:
     out = run([str(BENCH / "bench_ideal.py"), "--folders", "12", "--rate-limit", "200", *FAST,
-               "--poll-min", "0.02", "--poll-max", "0.2", "--json", "i.json"], tmp_path)
+               "--poll-min", "0.02", "--poll-max", "0.2", "--windows", "adaptive", "fixed",
+               "--json", "i.json"], tmp_path)
     assert "wall/ideal" in out and "polls/folder" in out and "429 share" in out
-    (r,) = json.loads((tmp_path / "i.json").read_text())["runs"]
-    assert r["completed"] == 12 and r["ratio_mean_L"] > 0
+    runs = json.loads((tmp_path / "i.json").read_text())["runs"]
+    assert [r["window"] for r in runs] == ["adaptive", "fixed"]
+    assert all(r["completed"] == 12 and r["ratio_mean_L"] > 0 for r in runs)
+    assert runs[0]["window_end"]["phase"] != "fixed" and runs[1]["window_end"]["phase"] == "fixed"
 
 
 def test_bench_vs_baselines_runs_all_three_clients(tmp_path: Path) -> None:
