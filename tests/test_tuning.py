@@ -296,10 +296,9 @@ async def test_fixed_window_is_a_plain_semaphore() -> None:
     assert blocked.done() and w.statistics().in_use == 2
 
 
-async def test_adaptive_window_reports_how_long_submitters_waited() -> None:
-    """The controller learns that the window held submitters back, and for how long."""
-    clock = FakeClock()
-    seen: list[float] = []
+async def _four_out_with_a_spy(clock: FakeClock, seen: list[float]) -> OutstandingWindow:
+    """An adaptive window (start 4) with folders a-d submitted; each ``done`` appends the
+    seconds waited it was told to ``seen``."""
 
     class Spy(WindowController):
         def done(self, key: object, lower: float, upper: float, now: float, *,
@@ -312,6 +311,14 @@ async def test_adaptive_window_reports_how_long_submitters_waited() -> None:
     for key in "abcd":
         await w.acquire()
         w.submitted(key)
+    return w
+
+
+async def test_adaptive_window_reports_how_long_submitters_waited() -> None:
+    """The controller learns that the window held submitters back, and for how long."""
+    clock = FakeClock()
+    seen: list[float] = []
+    w = await _four_out_with_a_spy(clock, seen)
     waiter = asyncio.create_task(w.acquire())
     await settle()
     await clock.advance(3.0)
@@ -335,18 +342,7 @@ async def test_time_held_back_outside_acquire_counts_as_waiting() -> None:
     reported to the controller as waiting, split between the folders seen done meanwhile."""
     clock = FakeClock()
     seen: list[float] = []
-
-    class Spy(WindowController):
-        def done(self, key: object, lower: float, upper: float, now: float, *,
-                 waited: float = 0.0) -> None:
-            seen.append(waited)
-            super().done(key, lower, upper, now, waited=waited)
-
-    w = OutstandingWindow(max_outstanding=50, controller=Spy(initial_limit=4, warmup=4),
-                          clock=clock)
-    for key in "abcd":
-        await w.acquire()
-        w.submitted(key)
+    w = await _four_out_with_a_spy(clock, seen)
     w.hold(True)
     await clock.advance(2.0)
     w.observe("a", 0.0, 2.0)  # held 2 s so far
