@@ -272,12 +272,19 @@ class EmulatorState:
         """
         heap = self._slots[key_index]
         start = now
+        # Slots whose run is over now are free for this run and every later one (starts never
+        # go back in time): drop them first, so that the heap holds only runs still going (it
+        # used to keep every run made while the cap was not reached, and the count below
+        # scanned them all: quadratic with a high cap).
+        while heap and heap[0] <= now:
+            heapq.heappop(heap)
         # Usually pops one slot (or none while the cap is not reached). After the cap was
         # lowered, the new run waits until enough slots are free: by the time the k-th earliest
         # of them finishes, fewer than the new cap are still running.
         while len(heap) >= self.config.max_parallel_analyses:
             start = max(start, heapq.heappop(heap))
-        running = 1 + sum(1 for finish in heap if finish > start)
+        later = len(heap) if start == now else sum(1 for finish in heap if finish > start)
+        running = 1 + later
         heapq.heappush(heap, start + duration)
         return start, running
 

@@ -100,8 +100,9 @@ async def load_manifest(store: RunStore, settings: Settings, manifest: Path) -> 
 async def outstanding_window(governor: Governor, settings: Settings) -> tuple[int, int]:
     """The key's outstanding window across every worker: (limit, in use).
 
-    The one place the limit is read: the value the self-tuning code stores with
-    ``Governor.set_window``, else ``max_outstanding``. In use: rows of the key whose analysis
+    The one place the limit is read: the value the lanes' adaptive windows publish with
+    ``Governor.set_window`` (:meth:`ClaimProducer._publish_window`), at most this worker's
+    ``max_outstanding``; without one, ``max_outstanding``. In use: rows of the key whose analysis
     may be running (``submitting`` or ``submitted``), whichever worker holds them.
     """
     limit, in_use = await governor.window()
