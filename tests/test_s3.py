@@ -649,6 +649,35 @@ async def test_spent_retries_say_whether_the_store_answered_others_meanwhile(
     assert others_answered.value.isolated and len(clock.sleeps) == 2
 
 
+async def test_a_read_sent_before_the_trouble_and_finished_during_it_proves_nothing(
+    s3_env: S3Server, bucket: str
+) -> None:
+    """An object read opened before a call first failed and finished while it retried is no
+    sign that the store is up (an outage may have begun after it was sent): the call, its
+    retries spent, is not ``isolated``, and the engine stops the run instead of failing a row."""
+    good = s3_env.new_bucket()
+    s3_env.put(bucket, "f/a.pdf")
+    s3_env.put(good, "f/big.pdf", b"y" * 4096)
+    clock = GatedClock()
+    try:
+        async with source(clock=clock, max_retries=2, chunk_size=1024) as s3:
+            (entry,) = await s3.list_folder(f"s3://{good}/f/", max_file_size=None)
+            stream = s3.iter_object(entry)
+            first = await anext(stream)  # the GET was sent and answered its headers
+            s3_env.fault("503", count=1000, match=f"/{bucket}")
+            failing = asyncio.ensure_future(
+                s3.list_folder(f"s3://{bucket}/f/", max_file_size=10))
+            await clock.sleeping.wait()  # its first attempt failed; it waits to retry
+            rest = b"".join([chunk async for chunk in stream])  # the whole object, meanwhile
+            clock.gate.set()
+            with pytest.raises(S3UnavailableError) as err:
+                await failing
+    finally:
+        s3_env.clear_faults()
+    assert first + rest == b"y" * 4096
+    assert not err.value.isolated
+
+
 async def test_unreachable_endpoint_is_retried_then_unavailable(s3_env: S3Server) -> None:
     """Connection refused: retried like any transient fault, then S3UnavailableError 'network'."""
     import socket

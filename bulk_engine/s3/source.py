@@ -17,9 +17,11 @@ read raises ``ManifestError('file_changed')`` before a byte of the new content i
 cut mid-body resumes from where it stopped with a ``Range`` request under the same ``IfMatch``.
 
 When a call's retries are spent, ``S3UnavailableError.isolated`` tells whether the store went on
-answering other calls meanwhile (a LIST page, a whole object read, or a definite refusal such as
-AccessDenied counts; this call's own partial reads do not): the engine fails just that row when
-it did, and stops the run when the store answered nothing (``S3Access``).
+answering other calls meanwhile: calls **sent after this one first failed** (a LIST page, a
+whole object read, or a definite refusal such as AccessDenied counts; this call's own partial
+reads do not, nor does a read sent before the trouble began that happens to finish during it):
+the engine fails just that row when it did, and stops the run when the store answered nothing
+(``S3Access``).
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ class _Call:
     failed (to tell an isolated failure from an outage)."""
 
     attempts: int = 0
-    answers_at_first_failure: int | None = None
+    sent_at_first_failure: int | None = None  # requests the source had sent by then
+    seq: int = 0  # the send number of this call's latest request
 
 
 class S3Source:
@@ -151,7 +154,8 @@ class S3Source:
         self._endpoint: str | None = None
         self._counts = {"list_calls": 0, "get_calls": 0, "retries": 0, "bytes_read": 0,
                         "changed_objects": 0}
-        self._answers = 0  # calls the store answered in full (see the module docstring)
+        self._sent = 0  # requests sent so far (each gets the next number)
+        self._answered_seq = 0  # the latest-sent request the store answered in full
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -366,7 +370,7 @@ class S3Source:
                     self._counts["bytes_read"] += len(chunk)
                     yield chunk
                 else:
-                    self._answers += 1  # the whole object: the store answered this call
+                    self._answered(state)  # the whole object: the store answered this call
                     return
             finally:
                 body.close()
@@ -385,7 +389,7 @@ class S3Source:
         length = answer.get("ContentLength")
         if length is not None and int(length) != entry.size - offset:
             answer["Body"].close()
-            self._answers += 1
+            self._answered(state)
             self._counts["changed_objects"] += 1
             raise ManifestError(
                 "file_changed",
@@ -412,32 +416,40 @@ class S3Source:
         """
         state = state if state is not None else _Call()
         while True:
+            self._sent += 1
+            state.seq = self._sent
             try:
                 result = await call()
             except Exception as exc:
                 fault, _, _ = fault_of(exc)
                 if fault is not Fault.TRANSIENT:
-                    self._answers += 1  # a definite answer (AccessDenied, 412...): it is up
+                    self._answered(state)  # a definite answer (AccessDenied, 412...): it is up
                     if fault is Fault.CHANGED:
                         self._counts["changed_objects"] += 1
                     raise self._error(exc, url=url, one_object=one_object) from None
                 await self._backoff(state, exc, url=url, one_object=one_object)
                 continue
             if completes:
-                self._answers += 1
+                self._answered(state)
             return result
+
+    def _answered(self, state: _Call) -> None:
+        """The store answered ``state``'s latest request in full."""
+        self._answered_seq = max(self._answered_seq, state.seq)
 
     async def _backoff(
         self, state: _Call, exc: BaseException, *, url: str, one_object: bool = True
     ) -> None:
         """Sleep before the next retry of ``state``; raise the translated error when none is
         left (an ``S3UnavailableError`` says whether the store answered others meanwhile)."""
-        if state.answers_at_first_failure is None:
-            state.answers_at_first_failure = self._answers
+        if state.sent_at_first_failure is None:
+            state.sent_at_first_failure = self._sent
         if state.attempts >= self.options.max_retries:
             err = self._error(exc, url=url, one_object=one_object)
             if isinstance(err, S3UnavailableError):
-                err.isolated = self._answers > state.answers_at_first_failure
+                # Only an answer to a request sent after this call's first failure shows the
+                # store up meanwhile: one sent before may finish late, during an outage.
+                err.isolated = self._answered_seq > state.sent_at_first_failure
             raise err from None
         _, code, status = fault_of(exc)
         delay = full_jitter(state.attempts, base=self.options.retry_base,
