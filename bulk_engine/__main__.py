@@ -15,12 +15,21 @@ def entry() -> None:
 
         code = int(main())
     except KeyboardInterrupt:
+        # Only the imports of the CLI can get here (``cli.main`` answers a Ctrl-C itself once
+        # it runs): nothing is open and nothing is to save. Leave without the interpreter's
+        # finalization, which an import cut short (its module half made, its threads or locks
+        # in any state) has no reason to be trusted to finish: a CI run once hung for a minute
+        # after a Ctrl-C during the imports.
+        import os
         import signal
         import sys
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the exit
-        sys.stderr.write("\ninterrupted (Ctrl-C)\n")
-        code = 130
+        try:
+            sys.stderr.write("\ninterrupted (Ctrl-C)\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
     # CPython: a KeyboardInterrupt raised inside a string exec() (dataclasses and namedtuple
     # build their methods that way, so any import can be in one) marks the interpreter as
     # "ended by an unhandled KeyboardInterrupt" even when it was caught, and under `python -m`

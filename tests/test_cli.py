@@ -499,7 +499,8 @@ def _interrupt_at(moment: int | str, manifest: Path, url: str, listener: socket.
              "--output", str(tmp_path / f"o-{moment}.jsonl"), "--base-url", url,
              "--no-progress", "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
-            env=child_env(BULK_ENGINE_API_KEY=API_KEY),
+            # faulthandler: a process that does not exit is made to show where it is stuck
+            env=child_env(BULK_ENGINE_API_KEY=API_KEY, PYTHONFAULTHANDLER="1"),
         )
         try:
             if moment == "connected":
@@ -511,7 +512,13 @@ def _interrupt_at(moment: int | str, manifest: Path, url: str, listener: socket.
                          timeout=60, what=f"{moment} imports")
             assert proc.poll() is None, err_path.read_text()[-2000:]
             proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=60)
+            try:
+                code = proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
+                proc.wait(timeout=10)
+                raise AssertionError(f"no exit 60 s after SIGINT at {moment}: "
+                                     + err_path.read_text(errors="replace")[-4000:]) from None
         finally:
             if proc.poll() is None:
                 proc.kill()
