@@ -57,15 +57,6 @@ from itertools import accumulate, count
 from bulk_engine.clock import Clock
 from bulk_engine.models import Submitted
 
-__all__ = [
-    "PendingHook",
-    "PollCallback",
-    "PollDecision",
-    "PollPolicy",
-    "PollScheduler",
-    "interval_npmle",
-]
-
 __all__ = ["PendingHook", "PollCallback", "PollDecision", "PollPolicy", "PollScheduler",
            "interval_npmle"]
 

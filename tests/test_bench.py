@@ -148,4 +148,3 @@ def test_bench_cap_compare_runs_three_windows_side_by_side(tmp_path: Path) -> No
     assert [r["settings"]["adaptive_window"] for r in runs] == [True, False, False]
     assert [r["settings"]["max_outstanding"] for r in runs[1:]] == [2000, 12]
     assert all(r["completed"] == 4 for r in runs)
-

@@ -283,8 +283,9 @@ class EmulatorState:
         # of them finishes, fewer than the new cap are still running.
         while len(heap) >= self.config.max_parallel_analyses:
             start = max(start, heapq.heappop(heap))
-        later = len(heap) if start == now else sum(1 for finish in heap if finish > start)
-        running = 1 + later
+        # Every run left in the heap is still going at ``now``; past a lowered cap, count those
+        # still going at the later start.
+        running = 1 + (len(heap) if start == now else sum(1 for f in heap if f > start))
         heapq.heappush(heap, start + duration)
         return start, running
 
